@@ -1,0 +1,3 @@
+from cmft.cli import main
+
+main()

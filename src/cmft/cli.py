@@ -1,0 +1,170 @@
+"""The `cmft` command line: each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cmft.errors import CmftError
+
+app = typer.Typer(
+    help="cmft: pretrain, fine-tune and export clinical ModernBERT encoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List, show and copy the bundled fine-tuning recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides: key.sub=value (YAML scalars).")]
+OutputDir = Annotated[Path | None, typer.Option("--output-dir", help="Run folder to write (default: runs/...).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run from its checkpoint.")]
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    for noisy in (
+        "transformers",
+        "datasets",
+        "accelerate",
+        "sentence_transformers",
+        "httpx",
+        "urllib3",
+        "matplotlib",
+        "huggingface_hub",
+    ):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _not_available(command: str, issue: str) -> None:
+    typer.echo(f"error: `cmft {command}` is not available yet ({issue}).", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def pretrain(
+    config: Annotated[
+        str | None, typer.Argument(help="Pretraining config (default: pretrain/clinical_tiny.yaml).")
+    ] = None,
+    overrides: Overrides = None,
+    output_dir: OutputDir = None,
+    resume: Resume = False,
+) -> None:
+    """Pretrain a clinical ModernBERT encoder with masked-language modelling on the bundled corpus."""
+    from cmft.pretraining.run import pretrain as run_pretrain
+
+    items = list(overrides or [])
+    if config is not None and "=" in config:  # `cmft pretrain key=value` with the default config
+        items.insert(0, config)
+        config = None
+    run_dir = run_pretrain(config, items, output_dir=output_dir, resume=resume)
+    typer.echo(f"pretrain run finished: {run_dir}")
+
+
+@app.command()
+def finetune(
+    recipe: Annotated[str, typer.Argument(help="A recipe path or a bundled recipe name (e.g. icd_coding).")],
+    overrides: Overrides = None,
+    output_dir: OutputDir = None,
+    resume: Resume = False,
+) -> None:
+    """Fine-tune an encoder on a task recipe (NER, ICD coding, note classification, retrieval)."""
+    _not_available("finetune", "the recipe engine is being built")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished fine-tuning run folder.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this data file instead.")] = None,
+) -> None:
+    """Recompute a run's metrics from its saved model."""
+    _not_available("evaluate", "it arrives with the recipe engine")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder or an export folder.")],
+    input: Annotated[Path, typer.Argument(help="Input texts: jsonl or text file.")],
+    output: Annotated[Path | None, typer.Option(help="Output JSONL (default: stdout).")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Run the exported ONNX model.")] = False,
+) -> None:
+    """Batch inference to JSONL."""
+    _not_available("predict", "it arrives with the fine-tuning heads")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path | None, typer.Argument(help="Run folder (default: runs/finetune/latest).")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX.")] = False,
+    quantize: Annotated[str | None, typer.Option(help="Also write an int8 model (int8).")] = None,
+    output_dir: OutputDir = None,
+) -> None:
+    """Export a run to ONNX, parity-checked against PyTorch."""
+    _not_available("export", "ONNX export arrives after the fine-tuning heads")
+
+
+@app.command()
+def validate(
+    recipe: Annotated[str, typer.Argument(help="A recipe path or bundled name.")],
+    overrides: Overrides = None,
+) -> None:
+    """Check a recipe: keys, types, files, labels and that the encoder loads."""
+    _not_available("validate", "it arrives with the recipe engine")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the bundled recipes."""
+    _not_available("recipes list", "recipes arrive with the recipe engine")
+
+
+@recipes_app.command("show")
+def recipes_show(name: str) -> None:
+    """Print a bundled recipe."""
+    _not_available("recipes show", "recipes arrive with the recipe engine")
+
+
+@recipes_app.command("cp")
+def recipes_cp(name: str, dest: Path) -> None:
+    """Copy a bundled recipe to edit it."""
+    _not_available("recipes cp", "recipes arrive with the recipe engine")
+
+
+def main() -> None:
+    """Entry point: bad input → one line on stderr and exit 2; unexpected errors → exit 1."""
+    _setup_logging()
+    try:
+        status = app(standalone_mode=False)
+    except CmftError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        # typer bundles its own click: recognise its usage errors (unknown option, missing argument) by shape
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()
+            sys.exit(2)
+        raise
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""The pretraining engine: corpus → vocabulary → masking → packing → HF Trainer → evaluation → run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    set_seed,
+)
+
+from cmft.config import dump_config
+from cmft.errors import CmftError
+from cmft.modeling import check_model_source, hub_error, resolve_attention
+from cmft.pretraining.config import PretrainConfig
+from cmft.pretraining.corpus import Corpus, build_corpus
+from cmft.pretraining.evaluate import masked_token_accuracy
+from cmft.pretraining.lexicon import Lexicon
+from cmft.pretraining.masking import Masker
+from cmft.pretraining.packing import PackedDataset, collate_packed, tokenize_documents
+from cmft.pretraining.trainer import MaskedLMTrainer
+from cmft.pretraining.vocab import refine_tokenizer, save_tokenizer, tokens_per_word, train_tokenizer
+from cmft.runs import finish_run
+from cmft.training import (
+    HistoryCallback,
+    RichProgressCallback,
+    plot_history,
+    quiet_trainer,
+    read_history,
+    set_threads,
+    training_arguments,
+)
+
+log = logging.getLogger("cmft")
+
+
+@dataclass
+class Setup:
+    """What training needs, built from the config (and from the run folder on resume)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    attention: str
+    vocab: dict
+
+
+def _new_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast, attention: str) -> PreTrainedModel:
+    arch = config.model.architecture
+    if config.training.max_length > arch.max_position_embeddings:
+        raise CmftError(
+            f"training.max_length: {config.training.max_length} is above "
+            f"model.architecture.max_position_embeddings ({arch.max_position_embeddings})"
+        )
+    model_config = ModernBertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        local_attention=arch.local_attention,
+        global_attn_every_n_layers=arch.global_attn_every_n_layers,
+        global_rope_theta=arch.global_rope_theta,
+        local_rope_theta=arch.local_rope_theta,
+        embedding_dropout=arch.hidden_dropout,
+        mlp_dropout=arch.hidden_dropout,
+        attention_dropout=arch.hidden_dropout,
+        pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sparse_prediction=True,
+    )
+    model_config._attn_implementation = attention
+    return ModernBertForMaskedLM(model_config)
+
+
+def _continued_model(config: PretrainConfig, attention: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    source = check_model_source(config.model.init_from or "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForMaskedLM.from_pretrained(source, attn_implementation=attention)
+    except OSError as exc:
+        if Path(source).is_dir():
+            raise CmftError(f"model.init_from: {source}: cannot load model or tokenizer ({exc})") from None
+        raise hub_error(source, "model.init_from", exc) from None
+    if model.config.model_type != "modernbert":
+        raise CmftError(
+            f"model.init_from: {source} is a {model.config.model_type} model; cmft pretrain continues ModernBERT"
+        )
+    if config.training.max_length > model.config.max_position_embeddings:
+        raise CmftError(
+            f"training.max_length: {config.training.max_length} is above the checkpoint's "
+            f"max_position_embeddings ({model.config.max_position_embeddings})"
+        )
+    return model, tokenizer
+
+
+def _set_sparse_prediction(model: PreTrainedModel, enabled: bool) -> None:
+    model.config.sparse_prediction = enabled
+    model.sparse_prediction = enabled
+
+
+def _setup(config: PretrainConfig, corpus: Corpus, lexicon: Lexicon, work: Path, resume: bool) -> Setup:
+    attention = resolve_attention(config.model.attention)
+    tokenizer_dir = work / "tokenizer"
+    if config.model.init_from is None:
+        if resume and tokenizer_dir.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        else:
+            started = time.monotonic()
+            tokenizer = train_tokenizer(
+                corpus.train,
+                config.tokenizer.vocab_size,
+                config.tokenizer.lowercase,
+                config.tokenizer.min_frequency,
+                config.model.architecture.max_position_embeddings,
+            )
+            log.info("tokenizer: trained %d tokens in %.1f s", len(tokenizer), time.monotonic() - started)
+        model = _new_model(config, tokenizer, attention)
+        vocab = {
+            "tokenizer": "trained",
+            "vocab_size": len(tokenizer),
+            "tokens_added": 0,
+            "tokens_per_word": tokens_per_word(tokenizer, corpus.heldout),
+        }
+    else:
+        model, tokenizer = _continued_model(config, attention)
+        refine = config.tokenizer.refine
+        if refine.enabled and refine.max_new_tokens > 0:
+            result = refine_tokenizer(
+                tokenizer,
+                model,
+                corpus.train,
+                lexicon,
+                refine.max_new_tokens,
+                refine.min_frequency,
+                refine.min_pieces,
+            )
+            vocab = {
+                "tokenizer": "refined",
+                "vocab_size": len(tokenizer),
+                "tokens_added": len(result.added),
+                "tokens_per_word_before": result.tokens_per_word_before,
+                "tokens_per_word_after": result.tokens_per_word_after,
+                "added_examples": result.added[:50],
+            }
+        else:
+            vocab = {"tokenizer": "unchanged", "vocab_size": len(tokenizer), "tokens_added": 0}
+    save_tokenizer(tokenizer, tokenizer_dir)
+    _set_sparse_prediction(model, True)
+    return Setup(model=model, tokenizer=tokenizer, attention=attention, vocab=vocab)
+
+
+def _train_stage(
+    config: PretrainConfig,
+    setup: Setup,
+    train: PackedDataset,
+    work: Path,
+    stage: str,
+    max_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    resume: bool,
+) -> dict:
+    t = config.training
+    masker = Masker(
+        setup.tokenizer.mask_token_id,
+        len(setup.tokenizer),
+        setup.tokenizer.all_special_ids,
+        config.masking.medical_weight,
+        config.masking.mask_token_fraction,
+        config.masking.random_token_fraction,
+    )
+    args = training_arguments(
+        work / "checkpoints" / stage,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        gradient_accumulation=t.gradient_accumulation,
+        learning_rate=learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_ratio=t.warmup_ratio,
+        lr_scheduler=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        log_every=min(t.log_every, max_steps),
+        save_every=t.save_every,
+        save_total_limit=t.save_total_limit,
+        seed=config.seed,
+        bf16=t.bf16,
+    )
+    pad_id = setup.tokenizer.pad_token_id
+    trainer = MaskedLMTrainer(
+        model=setup.model,
+        args=args,
+        train_dataset=train,
+        data_collator=lambda rows: collate_packed(rows, pad_id),
+        masker=masker,
+        rates=(config.masking.start_rate, config.masking.end_rate, config.masking.schedule),
+        attention=setup.attention,
+        seed=config.seed,
+        callbacks=[HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"pretrain {stage}")],
+    )
+    quiet_trainer(trainer)
+    checkpoint_dir = Path(args.output_dir)
+    has_checkpoint = resume and any(checkpoint_dir.glob("checkpoint-*"))
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    totals = trainer.totals
+    return {
+        f"{stage}_steps": max_steps,
+        f"{stage}_seconds": round(time.monotonic() - started, 1),
+        f"{stage}_final_mask_rate": trainer.current_rate,
+        f"{stage}_medical_share_of_tokens": totals.medical_share_of_tokens,
+        f"{stage}_medical_share_of_masked": totals.medical_share_of_masked,
+    }
+
+
+def _steps_for(config: PretrainConfig, rows: int) -> int:
+    if config.training.max_steps is not None:
+        return config.training.max_steps
+    per_step = config.training.batch_size * config.training.gradient_accumulation
+    return max(1, math.ceil(config.training.epochs * rows / per_step))
+
+
+def _long_context(
+    config: PretrainConfig, setup: Setup, corpus: Corpus, lexicon: Lexicon, work: Path, resume: bool
+) -> dict:
+    stage = config.long_context
+    assert stage is not None
+    if stage.max_length > setup.model.config.max_position_embeddings:
+        raise CmftError(
+            f"long_context.max_length: {stage.max_length} is above max_position_embeddings "
+            f"({setup.model.config.max_position_embeddings})"
+        )
+    # ModernBERT's recipe: continue at long length with a raised global RoPE theta. Rebuild from saved
+    # weights so the rotary embedding picks up the new theta.
+    staged = work / "stage1_model"
+    _set_sparse_prediction(setup.model, True)
+    setup.model.save_pretrained(staged)
+    setup.model = AutoModelForMaskedLM.from_pretrained(
+        staged,
+        attn_implementation=setup.attention,
+        rope_parameters={
+            **setup.model.config.rope_parameters,
+            "full_attention": {
+                **setup.model.config.rope_parameters["full_attention"],
+                "rope_theta": stage.global_rope_theta,
+            },
+        },
+    )
+    _set_sparse_prediction(setup.model, True)
+    shutil.rmtree(staged)
+    documents = tokenize_documents(corpus.train, setup.tokenizer, lexicon, stage.max_length, config.masking.whole_word)
+    train = PackedDataset(documents, stage.max_length)
+    return _train_stage(
+        config,
+        setup,
+        train,
+        work,
+        "long_context",
+        stage.max_steps,
+        stage.batch_size,
+        stage.learning_rate,
+        resume,
+    )
+
+
+def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: bool) -> Path:
+    """Train in `work` (the `.partial` folder) and rename it to `final` when everything is written."""
+    dump_config(config, work / "recipe.yaml")
+    set_threads(config.training.threads)
+    set_seed(config.seed)
+    started = time.monotonic()
+    if config.model.init_from is not None:
+        check_model_source(config.model.init_from)  # fail in seconds, before the corpus is read
+    lexicon = Lexicon.from_files(config.masking.lexicon)
+    corpus = build_corpus(config.corpus)
+    setup = _setup(config, corpus, lexicon, work, resume)
+    max_length = config.training.max_length
+    documents = tokenize_documents(corpus.train, setup.tokenizer, lexicon, max_length, config.masking.whole_word)
+    train = PackedDataset(documents, max_length)
+    heldout = PackedDataset(
+        tokenize_documents(corpus.heldout, setup.tokenizer, lexicon, max_length, "none"), max_length
+    )
+    max_steps = _steps_for(config, len(train))
+    log.info(
+        "packing: %d documents → %d rows of ≤ %d tokens (%.0f%% full); %d optimizer steps",
+        len(documents),
+        len(train),
+        max_length,
+        100 * train.fill_ratio(max_length),
+        max_steps,
+    )
+    summary = {
+        "documents_per_source": corpus.documents_per_source,
+        "train_documents": len(corpus.train),
+        "heldout_documents": len(corpus.heldout),
+        "train_tokens": sum(len(d.ids) for d in documents),
+        "packed_rows": len(train),
+        "pack_fill": train.fill_ratio(max_length),
+        "lexicon_words": len(lexicon),
+        "attention": setup.attention,
+        **setup.vocab,
+    }
+    summary |= _train_stage(
+        config,
+        setup,
+        train,
+        work,
+        "main",
+        max_steps,
+        config.training.batch_size,
+        config.training.learning_rate,
+        resume,
+    )
+    if config.long_context is not None:
+        summary |= _long_context(config, setup, corpus, lexicon, work, resume)
+    masker = Masker(setup.tokenizer.mask_token_id, len(setup.tokenizer), setup.tokenizer.all_special_ids)
+    metrics = masked_token_accuracy(
+        setup.model,
+        heldout,
+        masker,
+        setup.tokenizer.pad_token_id,
+        setup.attention,
+        config.evaluation.rate,
+        config.evaluation.seed,
+        config.evaluation.batch_size,
+    )
+    metrics |= {"split": "heldout", "n_examples": len(corpus.heldout)}
+    summary["wall_seconds"] = round(time.monotonic() - started, 1)
+    _save_outputs(setup, work, metrics, summary)
+    log.info(
+        "pretrain: mlm_top1 %.4f  top5 %.4f  top10 %.4f  top25 %.4f (held-out, rate %.2f)",
+        metrics["mlm_top1"],
+        metrics["mlm_top5"],
+        metrics["mlm_top10"],
+        metrics["mlm_top25"],
+        config.evaluation.rate,
+    )
+    return finish_run(final)
+
+
+def _save_outputs(setup: Setup, work: Path, metrics: dict, summary: dict) -> None:
+    _set_sparse_prediction(setup.model, False)  # users calling the model with labels expect full logits
+    model_dir = work / "model"
+    setup.model.save_pretrained(model_dir)
+    save_tokenizer(setup.tokenizer, model_dir)
+    config_path = model_dir / "config.json"
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    saved.pop("_attn_implementation_autoset", None)
+    saved.pop("attn_implementation", None)  # let each loader pick its own backend
+    config_path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    (work / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    plot_history(
+        read_history(work / "history.jsonl"),
+        work / "plots" / "loss.png",
+        ("loss", "mask_rate", "lr", "tokens_per_s"),
+    )
+    shutil.rmtree(work / "tokenizer", ignore_errors=True)

@@ -1,0 +1,73 @@
+"""Run folders: built under a `.partial` name, renamed when complete, `latest` pointing at the newest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from cmft.errors import CmftError
+
+PARTIAL = ".partial"
+
+
+def default_root(kind: str) -> Path:
+    return Path("runs") / kind
+
+
+def new_run_dir(kind: str, name: str, output_dir: str | Path | None) -> Path:
+    """The final path of a new run; its work happens in `<path>.partial` until `finish_run`."""
+    if output_dir is not None:
+        final = Path(output_dir)
+    else:
+        final = default_root(kind) / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if final.exists() and any(final.iterdir()):
+        raise CmftError(f"{final}: output folder exists and is not empty; choose another --output-dir")
+    partial = partial_of(final)
+    if partial.exists():
+        raise CmftError(f"{partial}: an unfinished run is there; continue it with --resume or delete it")
+    try:
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        raise CmftError(f"{partial}: cannot create the run folder ({exc.strerror})") from None
+    return final
+
+
+def partial_of(final: Path) -> Path:
+    return final.with_name(final.name + PARTIAL)
+
+
+def find_resumable(kind: str, output_dir: str | Path | None) -> Path:
+    """The final path of the run to resume: `--output-dir`'s, or the newest unfinished one under runs/<kind>."""
+    if output_dir is not None:
+        final = Path(output_dir)
+        if not partial_of(final).is_dir():
+            raise CmftError(f"{final}: no unfinished run to resume there ({partial_of(final)} is missing)")
+        return final
+    root = default_root(kind)
+    candidates = sorted(root.glob(f"*{PARTIAL}"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not candidates:
+        raise CmftError(f"--resume: no unfinished run under {root}/; start a new one without --resume")
+    newest = candidates[-1]
+    return newest.with_name(newest.name[: -len(PARTIAL)])
+
+
+def finish_run(final: Path) -> Path:
+    """Rename the completed `.partial` folder into place and point `latest` at it."""
+    partial = partial_of(final)
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    link = final.parent / "latest"
+    tmp_link = final.parent / ".latest.tmp"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    os.symlink(final.name, tmp_link)
+    os.replace(tmp_link, link)
+    return final
+
+
+def discard_run(final: Path) -> None:
+    """Remove the work folder of a run that failed on bad input before training started."""
+    shutil.rmtree(partial_of(final), ignore_errors=True)

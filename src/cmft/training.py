@@ -1,0 +1,178 @@
+"""The training engine shared by pretraining and fine-tuning: HF Trainer plus cmft's callbacks."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from cmft.modeling import bf16_available
+
+HISTORY_KEYS = {"learning_rate": "lr"}
+DROPPED_KEYS = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+def training_arguments(
+    output_dir: Path,
+    *,
+    max_steps: int,
+    batch_size: int,
+    gradient_accumulation: int,
+    learning_rate: float,
+    weight_decay: float,
+    warmup_ratio: float,
+    lr_scheduler: str,
+    max_grad_norm: float,
+    log_every: int,
+    save_every: int,
+    save_total_limit: int,
+    seed: int,
+    bf16: bool | str,
+) -> TrainingArguments:
+    """TrainingArguments with cmft's conventions: checkpoints in the run folder, no external reporting."""
+    use_bf16 = bf16_available() if bf16 == "auto" else bool(bf16)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        warmup_steps=int(warmup_ratio * max_steps),
+        lr_scheduler_type=lr_scheduler,
+        max_grad_norm=max_grad_norm,
+        logging_steps=log_every,
+        save_steps=save_every,
+        save_total_limit=save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        bf16=use_bf16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+class HistoryCallback(TrainerCallback):
+    """Append one JSON object per logged step to history.jsonl (no text, only numbers)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step}
+        for key, value in logs.items():
+            if key in DROPPED_KEYS or not isinstance(value, (int, float)):
+                continue
+            record[HISTORY_KEYS.get(key, key)] = value
+        if len(record) > 1:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar with loss, tokens/s and (when pretraining) the mask rate."""
+
+    def __init__(self, description: str = "training"):
+        self.description = description
+        self.progress: Progress | None = None
+        self.task = None
+        self.console = Console(stderr=True)
+        self.last_print = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            self.description, total=state.max_steps, status="", completed=state.global_step
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if self.progress is None or not logs or "loss" not in logs:
+            return
+        parts = [f"loss {logs['loss']:.4f}"]
+        if "tokens_per_s" in logs:
+            parts.append(f"{logs['tokens_per_s']:,.0f} tok/s")
+        if "mask_rate" in logs:
+            parts.append(f"mask {logs['mask_rate']:.3f}")
+        status = "  ".join(parts)
+        self.progress.update(self.task, status=status)
+        if not self.console.is_terminal and time.monotonic() - self.last_print > 5:
+            self.console.print(f"step {state.global_step}/{state.max_steps}  {status}")
+            self.last_print = time.monotonic()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def quiet_trainer(trainer) -> None:
+    """Replace transformers' tqdm bar and dict printer with cmft's rich bar."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, keys: tuple[str, ...] = ("loss",)) -> None:
+    """One panel per key against the step (keys absent from the history are skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in row for row in history)]
+    if not present:
+        return
+    fig, axes = plt.subplots(len(present), 1, figsize=(7, 2.6 * len(present)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], present, strict=True):
+        rows = [r for r in history if key in r]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()

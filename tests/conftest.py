@@ -1,0 +1,80 @@
+"""Shared fixtures: small real-data configs so end-to-end runs take seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A slice of every bundled source (real text), a small vocabulary and a very small ModernBERT.
+SMALL_PRETRAIN = {
+    "name": "test-tiny",
+    "seed": 7,
+    "model": {
+        "architecture": {
+            "hidden_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "intermediate_size": 96,
+            "max_position_embeddings": 1024,
+            "local_attention": 32,
+        }
+    },
+    "tokenizer": {"vocab_size": 1500},
+    "corpus": {
+        "sources": [
+            {"bundled": "pubmedqa", "max_documents": 60},
+            {"bundled": "mts_dialog_train", "max_documents": 120},
+            {"bundled": "codiesp_train", "max_documents": 20},
+            {"bundled": "icd10cm", "max_documents": 1500},
+            {"bundled": "icd9cm", "max_documents": 500},
+        ],
+        "holdout_fraction": 0.05,
+    },
+    "training": {
+        "max_steps": 6,
+        "batch_size": 4,
+        "max_length": 128,
+        "log_every": 1,
+        "save_every": 3,
+        "learning_rate": 0.002,
+        "threads": 2,
+    },
+    "evaluation": {"batch_size": 8},
+}
+
+
+@pytest.fixture
+def small_config(tmp_path: Path):
+    """Write SMALL_PRETRAIN (optionally updated) to a YAML file and return its path."""
+
+    def write(update: dict | None = None, name: str = "small.yaml") -> Path:
+        data = yaml.safe_load(yaml.safe_dump(SMALL_PRETRAIN))
+        _merge(data, update or {})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        return path
+
+    return write
+
+
+def _merge(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def run_cmft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (exit codes and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cmft", *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=900
+    )
