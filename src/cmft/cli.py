@@ -76,23 +76,36 @@ def pretrain(
 
 @app.command()
 def finetune(
-    recipe: Annotated[str, typer.Argument(help="A recipe path or a bundled recipe name (e.g. icd_coding).")],
+    recipe: Annotated[
+        str | None, typer.Argument(help="A recipe path or a bundled recipe name (e.g. icd_coding).")
+    ] = None,
     overrides: Overrides = None,
     output_dir: OutputDir = None,
     resume: Resume = False,
 ) -> None:
-    """Fine-tune an encoder on a task recipe (NER, ICD coding, note classification, retrieval)."""
-    _not_available("finetune", "the recipe engine is being built")
+    """Fine-tune an encoder on a task recipe (note classification, ICD coding; NER and retrieval to come)."""
+    from cmft.finetuning.run import finetune as run_finetune
+
+    items = list(overrides or [])
+    if recipe is not None and "=" in recipe:  # `cmft finetune --resume key=value`
+        items.insert(0, recipe)
+        recipe = None
+    run_dir = run_finetune(recipe, items, output_dir=output_dir, resume=resume)
+    typer.echo(f"finetune run finished: {run_dir}")
 
 
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished fine-tuning run folder.")],
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    data: Annotated[Path | None, typer.Option(help="Evaluate on this data file instead.")] = None,
+    split: Annotated[str, typer.Option(help="Split of the run's recipe to evaluate: train, dev or test.")] = "test",
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this data file instead (read as --split).")] = None,
 ) -> None:
-    """Recompute a run's metrics from its saved model."""
-    _not_available("evaluate", "it arrives with the recipe engine")
+    """Recompute a run's metrics from its saved model (on its test split, this reproduces metrics.json)."""
+    import json
+
+    from cmft.finetuning.evaluate import evaluate_run
+
+    typer.echo(json.dumps(evaluate_run(run_dir, split, data), indent=2))
 
 
 @app.command()
@@ -123,25 +136,43 @@ def validate(
     overrides: Overrides = None,
 ) -> None:
     """Check a recipe: keys, types, files, labels and that the encoder loads."""
-    _not_available("validate", "it arrives with the recipe engine")
+    from cmft.finetuning.validate import validate_recipe
+
+    typer.echo(validate_recipe(recipe, list(overrides or [])))
 
 
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List the bundled recipes."""
-    _not_available("recipes list", "recipes arrive with the recipe engine")
+    from cmft.finetuning.run import bundled_recipes, load_recipe
+
+    for name, path in bundled_recipes().items():
+        recipe = load_recipe(path)
+        typer.echo(f"{name:<28} task={recipe.task:<20} tuning={recipe.tuning.method}")
 
 
 @recipes_app.command("show")
 def recipes_show(name: str) -> None:
     """Print a bundled recipe."""
-    _not_available("recipes show", "recipes arrive with the recipe engine")
+    from cmft.finetuning.run import resolve_recipe
+
+    typer.echo(resolve_recipe(name).read_text(encoding="utf-8"), nl=False)
 
 
 @recipes_app.command("cp")
 def recipes_cp(name: str, dest: Path) -> None:
     """Copy a bundled recipe to edit it."""
-    _not_available("recipes cp", "recipes arrive with the recipe engine")
+    from cmft.finetuning.run import resolve_recipe
+
+    source = resolve_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise CmftError(f"{target}: already exists; choose another destination")
+    try:
+        target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    except OSError as exc:
+        raise CmftError(f"{target}: cannot write ({exc.strerror})") from None
+    typer.echo(f"copied {source.name} to {target}")
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""`cmft finetune`: the recipe engine."""

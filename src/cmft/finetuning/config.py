@@ -1,0 +1,124 @@
+"""The fine-tuning recipe (`recipes/*.yaml`): one YAML per task, validated before anything heavy runs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from cmft.config import StrictModel
+
+TASKS = ("ner", "icd_coding", "note_classification", "retrieval")
+
+
+class EncoderConfig(StrictModel):
+    encoder: str = "latest"
+    """`latest` (the newest `cmft pretrain` run), a local model folder, or a hub id."""
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    trust_remote_code: bool = False
+
+
+class FolderSplit(StrictModel):
+    """A folder of `<id>.txt` notes plus a tsv of `<id>\\t<label>` rows."""
+
+    texts: str
+    labels: str
+
+
+class DataConfig(StrictModel):
+    train: str | FolderSplit
+    dev: str | FolderSplit | None = None
+    test: str | FolderSplit | None = None
+    format: Literal["auto", "jsonl", "csv"] = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    label_field: str = "label"
+    """The class (note classification) or the list of codes (ICD coding)."""
+
+
+class TuningConfig(StrictModel):
+    method: Literal["full", "lora"] = "full"
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """Defaults per architecture: ModernBERT Wqkv, Wo, Wi; BERT query, key, value, dense."""
+    modules_to_save: list[str] | None = None
+    """Fully trained (and saved with the adapter) besides LoRA; the task head is always included."""
+
+
+class TrainingConfig(StrictModel):
+    epochs: PositiveFloat = 3.0
+    max_steps: PositiveInt | None = None
+    """Overrides `epochs` when set (e.g. training.max_steps=5 for a smoke run)."""
+    batch_size: PositiveInt = 16
+    eval_batch_size: PositiveInt = 32
+    gradient_accumulation: PositiveInt = 1
+    learning_rate: PositiveFloat = 5e-5
+    head_learning_rate: PositiveFloat | None = None
+    """A separate (usually higher) rate for the task head; null uses learning_rate."""
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    max_length: PositiveInt = 512
+    eval_every: PositiveInt | None = None
+    """Evaluate on dev every N optimizer steps; null = once per epoch."""
+    early_stopping_patience: PositiveInt | None = None
+    log_every: PositiveInt = 10
+    save_total_limit: PositiveInt = 2
+    bf16: Literal["auto", True, False] = "auto"
+    threads: PositiveInt | None = None
+
+
+class ClassificationConfig(StrictModel):
+    class_weights: Literal["none", "balanced", "sqrt"] = "sqrt"
+    """Loss weights against class imbalance: inverse frequency (balanced) or its square root."""
+
+
+class LabelSpaceConfig(StrictModel):
+    level: Literal["code", "category"] = "code"
+    """`code`: full codes (E11.9); `category`: their 3-character categories (E11)."""
+    min_train_count: PositiveInt = 5
+    """Keep labels with at least this many train documents; the others are counted and reported."""
+
+
+class IcdCodingConfig(StrictModel):
+    label_space: LabelSpaceConfig = LabelSpaceConfig()
+    mode: Literal["whole", "chunked"] = "whole"
+    """`whole`: the note in one pass (up to max_length ≤ 8192); `chunked`: PLM-ICD-style segments."""
+    chunk_size: int = Field(256, ge=128, le=512)
+    max_chunks: PositiveInt = 8
+    head: Literal["label_attention", "pooled"] = "label_attention"
+    attention_dim: PositiveInt = 256
+    init_from_descriptions: bool = False
+    """Start each label query from the encoder's embedding of its ICD-10-CM description."""
+
+
+class RecipeConfig(StrictModel):
+    task: Literal[TASKS]  # type: ignore[valid-type]
+    name: str | None = None
+    seed: int = 42
+    model: EncoderConfig = EncoderConfig()
+    data: DataConfig
+    tuning: TuningConfig = TuningConfig()
+    training: TrainingConfig = TrainingConfig()
+    classification: ClassificationConfig | None = None
+    icd_coding: IcdCodingConfig | None = None
+
+    @model_validator(mode="after")
+    def _sections_match_task(self) -> RecipeConfig:
+        sections = {"classification": "note_classification", "icd_coding": "icd_coding"}
+        for section, task in sections.items():
+            if getattr(self, section) is not None and self.task != task:
+                raise ValueError(f"section `{section}` is for task {task}, but this recipe's task is {self.task}")
+        if self.task == "note_classification" and self.classification is None:
+            self.classification = ClassificationConfig()
+        if self.task == "icd_coding" and self.icd_coding is None:
+            self.icd_coding = IcdCodingConfig()
+        if self.task == "icd_coding" and self.training.max_length > 8192:
+            raise ValueError("training.max_length must be at most 8192")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.task.replace("_", "-")

@@ -1,0 +1,204 @@
+"""The fine-tuning engine: encoder → task data → (LoRA) → HF Trainer → dev/test metrics → run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
+
+from cmft.config import dump_config
+from cmft.errors import CmftError
+from cmft.finetuning.config import RecipeConfig
+from cmft.finetuning.lora import wrap_lora
+from cmft.modeling import check_model_source, hub_error, resolve_attention
+from cmft.runs import finish_run
+from cmft.tasks import get_task
+from cmft.training import (
+    HistoryCallback,
+    RichProgressCallback,
+    plot_history,
+    quiet_trainer,
+    read_history,
+    set_threads,
+    training_arguments,
+)
+
+log = logging.getLogger("cmft")
+LATEST_PRETRAIN = Path("runs/pretrain/latest/model")
+
+
+def resolve_encoder(name: str) -> str:
+    """`latest` → the newest `cmft pretrain` run's model; else a local folder or a hub id."""
+    if name == "latest":
+        if not (LATEST_PRETRAIN / "config.json").is_file():
+            raise CmftError(
+                "model.encoder: latest: no pretrained encoder in runs/pretrain/latest; run `cmft pretrain` first "
+                "or set model.encoder to a model folder or hub id"
+            )
+        return str(LATEST_PRETRAIN.resolve())
+    return check_model_source(name, "model.encoder")
+
+
+def load_tokenizer(encoder: str, trust_remote_code: bool):
+    try:
+        return AutoTokenizer.from_pretrained(encoder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        if Path(encoder).is_dir():
+            raise CmftError(
+                f"model.encoder: {encoder}: no usable tokenizer files there ({type(exc).__name__})"
+            ) from None
+        raise hub_error(encoder, "model.encoder", exc) from None
+
+
+class FinetuneTrainer(Trainer):
+    """HF Trainer with the task's loss, a separate learning rate for the head, and tokens/s in the log."""
+
+    def __init__(self, *args, task: Any, head_modules: list[str], head_learning_rate: float | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task = task
+        self.head_modules = set(head_modules)
+        self.head_learning_rate = head_learning_rate
+        self.real_tokens = 0
+        self.window_start = time.monotonic()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and "attention_mask" in inputs:
+            self.real_tokens += int(inputs["attention_mask"].sum())
+        loss, outputs = self.task.loss(model, dict(inputs))
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.head_learning_rate is not None:
+            head, body = [], []
+            for name, parameter in self.model.named_parameters():
+                if parameter.requires_grad:
+                    (head if self.head_modules & set(name.split(".")) else body).append(parameter)
+            groups = [{"params": body, "lr": self.args.learning_rate}, {"params": head, "lr": self.head_learning_rate}]
+            for group in groups:
+                group["weight_decay"] = self.args.weight_decay
+            self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.args.learning_rate)
+        return super().create_optimizer()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["tokens_per_s"] = round(self.real_tokens / max(time.monotonic() - self.window_start, 1e-9), 1)
+            self.real_tokens, self.window_start = 0, time.monotonic()
+        super().log(logs, start_time)
+
+
+def _predict(trainer: Trainer, dataset: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    output = trainer.predict(dataset)
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    return np.asarray(logits), np.asarray(output.label_ids)
+
+
+def _steps(recipe: RecipeConfig, n_train: int) -> int:
+    t = recipe.training
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * math.ceil(n_train / t.batch_size) / t.gradient_accumulation))
+
+
+def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -> Path:
+    """Train in `work` (the `.partial` folder) and rename it to `final` when everything is written."""
+    dump_config(recipe, work / "recipe.yaml")
+    set_threads(recipe.training.threads)
+    set_seed(recipe.seed)
+    started = time.monotonic()
+    encoder = resolve_encoder(recipe.model.encoder)
+    attention = resolve_attention(recipe.model.attention)
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
+    tokenizer = load_tokenizer(encoder, recipe.model.trust_remote_code)
+    task = get_task(recipe)
+    task.prepare(tokenizer)
+    model = task.build_model(encoder, attention, recipe.model.trust_remote_code)
+    head_modules = task.head_modules(model)
+    model_type = model.config.model_type
+    if recipe.tuning.method == "lora":
+        model = wrap_lora(model, model_type, recipe.tuning, head_modules)
+    trainer = _build_trainer(recipe, task, model, tokenizer, head_modules, work)
+    checkpoints = work / "checkpoints"
+    trainer.train(resume_from_checkpoint=True if resume and any(checkpoints.glob("checkpoint-*")) else None)
+    train_seconds = time.monotonic() - started
+
+    report: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "encoder": encoder, **task.report}
+    dev_metrics: dict[str, Any] = {}
+    if "dev" in task.datasets:
+        logits, labels = _predict(trainer, task.datasets["dev"])
+        dev_metrics = task.metrics(logits, labels, tune=True)  # ICD: the threshold is tuned here
+    split = "test" if "test" in task.datasets else "dev"
+    logits, labels = _predict(trainer, task.datasets[split])
+    metrics = task.metrics(logits, labels) if split == "test" else dict(dev_metrics)
+    metrics |= {"split": split, "n_examples": len(task.datasets[split])}
+    metrics |= {f"dev_{k}": v for k, v in dev_metrics.items() if isinstance(v, (int, float))}
+    metrics |= {k: v for k, v in report.items() if isinstance(v, (int, float))}
+    _save(recipe, task, trainer.model, tokenizer, work)
+    task.save_extras(work / "model", logits, labels, work / "plots")
+    (work / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2), encoding="utf-8")
+    plot_history(read_history(work / "history.jsonl"), work / "plots" / "loss.png", ("loss", "eval_loss", "lr"))
+    log.info(
+        "finetune %s: %s",
+        recipe.task,
+        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("dev_"))[
+            :400
+        ],
+    )
+    return finish_run(final)
+
+
+def _build_trainer(recipe, task, model, tokenizer, head_modules, work: Path) -> FinetuneTrainer:
+    t = recipe.training
+    has_dev = "dev" in task.datasets
+    max_steps = _steps(recipe, len(task.datasets["train"]))
+    steps_per_epoch = max(1, math.ceil(len(task.datasets["train"]) / (t.batch_size * t.gradient_accumulation)))
+    eval_every = min(t.eval_every or steps_per_epoch, max_steps)
+    args = training_arguments(
+        work / "checkpoints", max_steps=max_steps, batch_size=t.batch_size,
+        gradient_accumulation=t.gradient_accumulation, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, max_grad_norm=1.0,
+        log_every=min(t.log_every, max_steps), save_every=eval_every, save_total_limit=t.save_total_limit,
+        seed=recipe.seed, bf16=t.bf16,
+    )  # fmt: skip
+    args.per_device_eval_batch_size = t.eval_batch_size
+    if has_dev:
+        args.eval_strategy = "steps"
+        args.eval_steps = eval_every
+        args.load_best_model_at_end = True
+        args.metric_for_best_model = f"eval_{task.metric_for_best}"
+        args.greater_is_better = True
+    callbacks = [HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"finetune {recipe.task}")]
+    if has_dev and t.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    trainer = FinetuneTrainer(
+        model=model, args=args, train_dataset=task.datasets["train"], eval_dataset=task.datasets.get("dev"),
+        data_collator=task.collator(tokenizer), callbacks=callbacks, task=task, head_modules=head_modules,
+        head_learning_rate=t.head_learning_rate,
+        compute_metrics=(lambda p: task.metrics(p.predictions, p.label_ids, tune=True)) if has_dev else None,
+    )  # fmt: skip
+    quiet_trainer(trainer)
+    return trainer
+
+
+def _save(recipe: RecipeConfig, task: Any, model: nn.Module, tokenizer, work: Path) -> None:
+    """model/: merged plain weights (+ tokenizer); adapter/: the LoRA adapter with the head, for LoRA runs."""
+    if recipe.tuning.method == "lora":
+        model.save_pretrained(work / "adapter")
+        tokenizer.save_pretrained(work / "adapter")
+        model = model.merge_and_unload()
+    if hasattr(model, "settings"):
+        model.settings = task.settings  # ICD: the tuned threshold travels with the model
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

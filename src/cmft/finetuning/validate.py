@@ -1,0 +1,22 @@
+"""`cmft validate`: everything that can be checked before training, in seconds."""
+
+from __future__ import annotations
+
+from cmft.finetuning.run import load_recipe
+
+
+def validate_recipe(recipe: str, overrides: list[str]) -> str:
+    """Keys and types, data files and labels, and that the encoder and its tokenizer load. Returns a summary."""
+    config = load_recipe(recipe, overrides)
+    from cmft.finetuning.engine import load_tokenizer, resolve_encoder
+    from cmft.tasks import get_task
+
+    encoder = resolve_encoder(config.model.encoder)
+    tokenizer = load_tokenizer(encoder, config.model.trust_remote_code)
+    task = get_task(config)
+    task.prepare(tokenizer)
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(encoder, trust_remote_code=config.model.trust_remote_code)
+    sizes = ", ".join(f"{name} {len(rows)}" for name, rows in task.datasets.items())
+    return f"ok: {config.task} recipe; encoder {encoder}; {len(task.labels)} labels; examples: {sizes}"

@@ -1,0 +1,136 @@
+"""Note classification: one label per note (MTS-Dialog section text → one of 20 section headers)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+from cmft.data.readers import Split, read_split
+from cmft.errors import CmftError
+from cmft.metrics import classification_metrics
+
+
+class ClassificationTask:
+    metric_for_best = "macro_f1"
+    multi_label = False
+
+    def __init__(self, recipe: Any):
+        self.recipe = recipe
+        self.labels: list[str] = []
+        self.report: dict[str, Any] = {}
+        self.splits: dict[str, Split] = {}
+        self.datasets: dict[str, list[dict]] = {}
+        self.class_weights: torch.Tensor | None = None
+
+    # data -------------------------------------------------------------------------------------------
+    def prepare(
+        self, tokenizer, splits: tuple[str, ...] = ("train", "dev", "test"), labels: list | None = None
+    ) -> None:
+        """Read and tokenize `splits`; the label set comes from train, or from `labels` (a saved model's)."""
+        for name in splits:
+            split = read_split(self.recipe.data, name, multi_label=False)
+            if split is not None:
+                self.splits[name] = split
+        counts = Counter(e.label for e in self.splits["train"].examples) if "train" in self.splits else Counter()
+        self.labels = list(labels) if labels is not None else sorted(counts)
+        if len(self.labels) < 2:
+            raise CmftError(f"data.train: {self.recipe.data.train}: needs at least 2 classes")
+        index = {label: i for i, label in enumerate(self.labels)}
+        for name, split in self.splits.items():
+            unknown = sorted({e.label for e in split.examples} - set(index))
+            if unknown:
+                raise CmftError(
+                    f"data.{name}: {split.source}: {len(unknown)} label(s) not in the train labels, "
+                    f"e.g. {unknown[0]!r}; add train examples or drop them"
+                )
+            encoded = tokenizer([e.text for e in split.examples], truncation=False)["input_ids"]
+            limit = self.recipe.training.max_length
+            self.report[f"n_truncated_{name}"] = sum(len(ids) > limit for ids in encoded)
+            self.report[f"n_empty_skipped_{name}"] = split.skipped_empty
+            self.datasets[name] = [
+                {"input_ids": _truncate(ids, limit, tokenizer), "labels": index[e.label]}
+                for ids, e in zip(encoded, split.examples, strict=True)
+            ]
+        frequency = np.array([counts[label] for label in self.labels], dtype=np.float64)
+        mode = self.recipe.classification.class_weights
+        if mode != "none" and frequency.min() > 0:
+            weights = frequency.sum() / (len(frequency) * frequency)
+            weights = np.sqrt(weights) if mode == "sqrt" else weights
+            self.class_weights = torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+    def collator(self, tokenizer):
+        return DataCollatorWithPadding(tokenizer)
+
+    # model ------------------------------------------------------------------------------------------
+    def build_model(self, encoder: str, attention: str, trust_remote_code: bool) -> nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(
+            encoder,
+            num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
+            label2id={label: i for i, label in enumerate(self.labels)},
+            attn_implementation=attention,
+            trust_remote_code=trust_remote_code,
+        )
+
+    def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        weight = None if self.class_weights is None else self.class_weights.to(outputs.logits.device)
+        return nn.functional.cross_entropy(outputs.logits.float(), labels, weight=weight), outputs
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        base = getattr(model, "base_model_prefix", "model")
+        return [name for name, child in model.named_children() if name != base and any(child.parameters())]
+
+    # metrics ----------------------------------------------------------------------------------------
+    def load_model(self, folder: Path) -> nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+    def saved_labels(self, folder: Path) -> list[str]:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+
+    def metrics(self, logits: np.ndarray, labels: np.ndarray, tune: bool = False) -> dict[str, Any]:
+        predictions = np.asarray(logits).argmax(-1)
+        return classification_metrics(np.asarray(labels).tolist(), predictions.tolist(), len(self.labels))
+
+    def save_extras(self, folder: Path, logits: np.ndarray, labels: np.ndarray, plots: Path) -> None:
+        (folder / "labels.json").write_text(json.dumps(self.labels, indent=2), encoding="utf-8")
+        _confusion_plot(np.asarray(labels), np.asarray(logits).argmax(-1), self.labels, plots / "confusion_matrix.png")
+
+
+def _truncate(ids: list[int], limit: int, tokenizer) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    # keep [CLS] ... and the final [SEP] so the model sees a well-formed sequence
+    return ids[: limit - 1] + [ids[-1]] if ids[-1] == tokenizer.sep_token_id else ids[:limit]
+
+
+def _confusion_plot(labels: np.ndarray, predictions: np.ndarray, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    matrix = confusion_matrix(labels, predictions, labels=list(range(len(names))))
+    fig, ax = plt.subplots(figsize=(0.45 * len(names) + 3, 0.45 * len(names) + 2.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (row, col), value in np.ndenumerate(matrix):
+        if value:
+            ax.text(col, row, str(value), ha="center", va="center", fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

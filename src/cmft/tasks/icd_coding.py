@@ -1,0 +1,298 @@
+"""Multilabel ICD coding over long notes: label space, whole/chunked encoding, label-wise attention, metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+from cmft.data.readers import Split, read_split
+from cmft.errors import CmftError
+from cmft.heads import LabelAttentionHead, PooledHead
+from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
+
+HEAD_WEIGHTS = "icd_head.safetensors"
+HEAD_CONFIG = "icd_coding.json"
+ICD10 = re.compile(r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$")
+
+
+def normalize_code(code: str, level: str = "code") -> str:
+    """Upper case with the ICD-10-CM dot (`e119`, `E119`, `e11.9` → `E11.9`); `category` keeps `E11`."""
+    code = code.strip().upper()
+    if ICD10.match(code):
+        code = code.replace(".", "")
+        code = code if len(code) <= 3 else f"{code[:3]}.{code[3:]}"
+    return code[:3] if level == "category" else code
+
+
+class IcdCoder(nn.Module):
+    """An encoder plus an ICD head; `model/` holds the encoder (AutoModel loads it) and the head files.
+
+    from cmft import IcdCoder
+    coder = IcdCoder.from_pretrained("runs/finetune/latest/model")
+    coder.predict(["Patient with type 2 diabetes ..."])   # [{code: probability}, ...] above threshold
+    """
+
+    def __init__(self, encoder: nn.Module, settings: dict[str, Any]):
+        super().__init__()
+        self.encoder = encoder
+        self.settings = settings
+        hidden, labels = encoder.config.hidden_size, len(settings["labels"])
+        if settings["head"] == "label_attention":
+            self.head: nn.Module = LabelAttentionHead(hidden, labels, settings["attention_dim"])
+        else:
+            self.head = PooledHead(hidden, labels)
+
+    @property
+    def config(self):
+        return self.encoder.config
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states and mask. Chunked input [B, C, S] is encoded chunk by chunk (PLM-ICD) and concatenated."""
+        if input_ids.dim() == 2:
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask
+        batch, chunks, size = input_ids.shape
+        flat_ids, flat_mask = input_ids.reshape(-1, size), attention_mask.reshape(-1, size)
+        used = flat_mask.any(-1)  # skip chunks that are all padding
+        states = flat_ids.new_zeros((batch * chunks, size, self.encoder.config.hidden_size), dtype=torch.float32)
+        encoded = self.encoder(input_ids=flat_ids[used], attention_mask=flat_mask[used]).last_hidden_state
+        states = states.to(encoded.dtype)
+        states[used] = encoded
+        return states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        states, mask = self.encode(input_ids, attention_mask)
+        logits = self.head(states, mask)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
+
+    # saving and loading ----------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
+        folder = Path(folder)
+        self.encoder.save_pretrained(folder, **kwargs)
+        head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
+        save_file(head, str(folder / HEAD_WEIGHTS))
+        (folder / HEAD_CONFIG).write_text(json.dumps(self.settings, indent=2), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> IcdCoder:
+        folder = Path(folder)
+        if not (folder / HEAD_CONFIG).is_file():
+            raise CmftError(f"{folder}: no {HEAD_CONFIG}; not an ICD coding model folder")
+        settings = json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8"))
+        coder = cls(AutoModel.from_pretrained(folder, **kwargs), settings)
+        coder.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
+        coder.tokenizer = AutoTokenizer.from_pretrained(folder)
+        return coder.eval()
+
+    @torch.no_grad()
+    def predict_proba(self, texts: list[str], batch_size: int = 8) -> np.ndarray:
+        tokenizer = self.tokenizer
+        probabilities = []
+        for start in range(0, len(texts), batch_size):
+            ids = [encode_note(tokenizer, t, self.settings)[0] for t in texts[start : start + batch_size]]
+            batch = collate_notes([{"input_ids": i} for i in ids], tokenizer.pad_token_id, self.settings)
+            probabilities.append(torch.sigmoid(self(**batch)["logits"]).cpu().numpy())
+        return np.concatenate(probabilities)
+
+    def predict(self, texts: list[str]) -> list[dict[str, float]]:
+        probabilities = self.predict_proba(texts)
+        labels, threshold = self.settings["labels"], self.settings["threshold"]
+        return [
+            {labels[j]: round(float(row[j]), 4) for j in np.argsort(-row) if row[j] >= threshold}
+            for row in probabilities
+        ]
+
+
+def encode_note(tokenizer, text: str, settings: dict[str, Any]) -> tuple[Any, bool]:
+    """Token ids for one note and whether it was cut: whole → [CLS] … [SEP] up to max_length; chunked →
+    a list of chunks of chunk_size, each [CLS] … [SEP], at most max_chunks."""
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if settings["mode"] == "whole":
+        room = settings["max_length"] - 2
+        return [cls_id, *body[:room], sep_id], len(body) > room
+    room = settings["chunk_size"] - 2
+    pieces = [body[i : i + room] for i in range(0, max(len(body), 1), room)]
+    return [[cls_id, *p, sep_id] for p in pieces[: settings["max_chunks"]]], len(pieces) > settings["max_chunks"]
+
+
+def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Pad to the longest note (whole: [B, T]) or to the most chunks ([B, C, chunk_size])."""
+    if settings["mode"] == "whole":
+        length = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), length), pad_id, dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids[row, : len(feature["input_ids"])] = torch.tensor(feature["input_ids"])
+    else:
+        chunks = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), chunks, settings["chunk_size"]), pad_id, dtype=torch.long)
+        for row, feature in enumerate(features):
+            for c, chunk in enumerate(feature["input_ids"]):
+                ids[row, c, : len(chunk)] = torch.tensor(chunk)
+    batch = {"input_ids": ids, "attention_mask": (ids != pad_id).long()}
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor(np.stack([f["labels"] for f in features]), dtype=torch.float32)
+    return batch
+
+
+class IcdCodingTask:
+    metric_for_best = "micro_f1"
+    multi_label = True
+
+    def __init__(self, recipe: Any):
+        self.recipe = recipe
+        self.options = recipe.icd_coding
+        self.labels: list[str] = []
+        self.report: dict[str, Any] = {}
+        self.splits: dict[str, Split] = {}
+        self.datasets: dict[str, list[dict]] = {}
+        self.threshold = 0.5
+        self.label_frequency: np.ndarray | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "labels": self.labels, "threshold": self.threshold, "mode": o.mode, "head": o.head,
+            "attention_dim": o.attention_dim, "chunk_size": o.chunk_size, "max_chunks": o.max_chunks,
+            "max_length": self.recipe.training.max_length, "level": o.label_space.level,
+        }  # fmt: skip
+
+    def prepare(
+        self, tokenizer, splits: tuple[str, ...] = ("train", "dev", "test"), labels: list | None = None
+    ) -> None:
+        """Read and tokenize `splits`; the label space comes from train, or from `labels` (a saved model's)."""
+        level = self.options.label_space.level
+        for name in splits:
+            split = read_split(self.recipe.data, name, multi_label=True)
+            if split is not None:
+                for example in split.examples:
+                    example.label = sorted({normalize_code(c, level) for c in example.label})
+                self.splits[name] = split
+        train = self.splits["train"].examples if "train" in self.splits else []
+        counts = Counter(code for example in train for code in example.label)
+        minimum = self.options.label_space.min_train_count
+        self.labels = list(labels) if labels is not None else sorted(c for c, n in counts.items() if n >= minimum)
+        if not self.labels:
+            raise CmftError(
+                f"icd_coding.label_space: no code has ≥ {self.options.label_space.min_train_count} train documents; "
+                "lower min_train_count or use level: category"
+            )
+        index = {code: i for i, code in enumerate(self.labels)}
+        self.label_frequency = np.array([counts[c] / max(len(train), 1) for c in self.labels])
+        self.report["n_labels"] = len(self.labels)
+        for name, split in self.splits.items():
+            outside = sum(1 for e in split.examples for c in e.label if c not in index)
+            self.report[f"n_codes_outside_label_space_{name}"] = outside
+            self.report[f"n_empty_skipped_{name}"] = split.skipped_empty
+            rows, cut = [], 0
+            for example in split.examples:
+                ids, was_cut = encode_note(tokenizer, example.text, self.settings)
+                cut += was_cut
+                target = np.zeros(len(self.labels), dtype=np.float32)
+                target[[index[c] for c in example.label if c in index]] = 1.0
+                rows.append({"input_ids": ids, "labels": target})
+            self.report[f"n_truncated_{name}"] = cut
+            self.datasets[name] = rows
+
+    def collator(self, tokenizer):
+        settings = self.settings
+        return lambda features: collate_notes(features, tokenizer.pad_token_id, settings)
+
+    def build_model(self, encoder: str, attention: str, trust_remote_code: bool) -> nn.Module:
+        base = AutoModel.from_pretrained(encoder, attn_implementation=attention, trust_remote_code=trust_remote_code)
+        coder = IcdCoder(base, self.settings)
+        # Sparse labels: a zero bias starts every code at p = 0.5 and barely moves; start at the train prior.
+        prior = np.clip(self.label_frequency, 1e-4, 1 - 1e-4)
+        with torch.no_grad():
+            coder.head.output_bias.copy_(torch.tensor(np.log(prior / (1 - prior)), dtype=torch.float32))
+        if self.options.init_from_descriptions and self.options.head == "label_attention":
+            _init_queries_from_descriptions(coder, AutoTokenizer.from_pretrained(encoder), self.labels)
+        return coder
+
+    def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
+        outputs = model(**inputs)
+        return outputs["loss"], outputs
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return ["head"]
+
+    def load_model(self, folder: Path) -> nn.Module:
+        coder = IcdCoder.from_pretrained(folder)
+        self.threshold = coder.settings["threshold"]
+        return coder
+
+    def saved_labels(self, folder: Path) -> list[str]:
+        return json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8"))["labels"]
+
+    def metrics(self, logits: np.ndarray, labels: np.ndarray, tune: bool = False) -> dict[str, Any]:
+        probabilities = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+        labels = np.asarray(labels)
+        if tune:  # one global threshold, chosen on dev, saved with the model, applied to test
+            self.threshold, _ = tune_threshold(labels, probabilities)
+        return multilabel_metrics(labels, probabilities, self.threshold)
+
+    def save_extras(self, folder: Path, logits: np.ndarray, labels: np.ndarray, plots: Path) -> None:
+        probabilities = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+        _per_label_plot(
+            per_label_precision_recall(np.asarray(labels), probabilities, self.threshold),
+            plots / "per_label_precision_recall.png",
+        )
+
+
+def _init_queries_from_descriptions(coder: IcdCoder, tokenizer, labels: list[str]) -> None:
+    """Label query u_l ← tanh(W · mean-pooled encoding of the code's ICD-10-CM description) (when known)."""
+    from cmft.paths import data_dir
+
+    descriptions: dict[str, str] = {}
+    import csv
+    import gzip
+
+    with gzip.open(data_dir() / "icd_codes" / "icd10cm_2024_codes.tsv.gz", "rt", encoding="utf-8") as handle:
+        for code, text in csv.reader(handle, delimiter="\t"):
+            descriptions.setdefault(normalize_code(code), text)
+            descriptions.setdefault(normalize_code(code, "category"), text)
+    known = [(i, descriptions[c]) for i, c in enumerate(labels) if c in descriptions]
+    if not known:
+        return
+    with torch.no_grad():
+        for start in range(0, len(known), 64):
+            rows = known[start : start + 64]
+            batch = tokenizer([t for _, t in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            states = coder.encoder(**batch).last_hidden_state
+            weights = batch["attention_mask"][..., None].float()
+            pooled = (states * weights).sum(1) / weights.sum(1)
+            queries = torch.tanh(coder.head.project(pooled))
+            scale = coder.head.label_queries.weight.norm(dim=1).mean() / queries.norm(dim=1).clamp_min(1e-6)
+            coder.head.label_queries.weight[[i for i, _ in rows]] = queries * scale[:, None]
+
+
+def _per_label_plot(values: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-values["support"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(values["precision"][order], ".", label="precision", alpha=0.7)
+    ax.plot(values["recall"][order], ".", label="recall", alpha=0.7)
+    ax.set_xlabel("labels, most frequent first")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.set_title(f"per-label precision / recall ({len(order)} labels)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
