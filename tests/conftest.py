@@ -78,3 +78,16 @@ def run_cmft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "-m", "cmft", *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=900
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A tiny ModernBERT built by the suite itself: a few `cmft pretrain` steps on bundled text."""
+    from cmft.pretraining.run import pretrain
+
+    root = tmp_path_factory.mktemp("encoder")
+    config = root / "encoder.yaml"
+    data = yaml.safe_load(yaml.safe_dump(SMALL_PRETRAIN))
+    data["training"]["max_steps"] = 4
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return pretrain(config, output_dir=root / "run") / "model"

@@ -14,4 +14,19 @@ def pretrain(config: str | Path | None = None, overrides: list[str] | None = Non
     return run(config, overrides, **kwargs)
 
 
-__all__ = ["__version__", "pretrain"]
+def finetune(recipe: str | Path, overrides: list[str] | None = None, **kwargs) -> Path:
+    """Run `cmft finetune` from Python; returns the run folder."""
+    from cmft.finetuning.run import finetune as run
+
+    return run(recipe, overrides, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "IcdCoder":  # imported on use: it pulls in torch and transformers
+        from cmft.tasks.icd_coding import IcdCoder
+
+        return IcdCoder
+    raise AttributeError(name)
+
+
+__all__ = ["IcdCoder", "__version__", "finetune", "pretrain"]

@@ -131,6 +131,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     train_seconds = time.monotonic() - started
 
     report: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "encoder": encoder, **task.report}
+    trainer.compute_metrics = None  # final predictions: no metric hook (it would tune the ICD threshold on test)
     dev_metrics: dict[str, Any] = {}
     if "dev" in task.datasets:
         logits, labels = _predict(trainer, task.datasets["dev"])
@@ -169,6 +170,7 @@ def _build_trainer(recipe, task, model, tokenizer, head_modules, work: Path) -> 
         seed=recipe.seed, bf16=t.bf16,
     )  # fmt: skip
     args.per_device_eval_batch_size = t.eval_batch_size
+    args.train_sampling_strategy = "group_by_length"  # similar lengths per batch: far less padding
     if has_dev:
         args.eval_strategy = "steps"
         args.eval_steps = eval_every

@@ -87,7 +87,8 @@ class ClassificationTask:
 
     def head_modules(self, model: nn.Module) -> list[str]:
         base = getattr(model, "base_model_prefix", "model")
-        return [name for name, child in model.named_children() if name != base and any(child.parameters())]
+        children = model.named_children()
+        return [name for name, child in children if name != base and next(child.parameters(), None) is not None]
 
     # metrics ----------------------------------------------------------------------------------------
     def load_model(self, folder: Path) -> nn.Module:

@@ -1,0 +1,288 @@
+"""`cmft finetune`: both recipes end to end on bundled data with a tiny encoder the suite builds."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from cmft.finetuning.evaluate import evaluate_run
+from cmft.finetuning.run import bundled_recipes, finetune
+from cmft.finetuning.validate import validate_recipe
+from cmft.tasks.icd_coding import IcdCoder, collate_notes, encode_note, normalize_code
+from tests.conftest import run_cmft
+
+SHORT = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.eval_batch_size=64"]
+ICD_METRICS = ("micro_f1", "macro_f1", "micro_auc", "macro_auc", "precision_at_5", "precision_at_8", "recall_at_15",
+               "map", "threshold")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_every_shipped_recipe_validates(name, tiny_encoder):
+    summary = validate_recipe(name, [f"model.encoder={tiny_encoder}"])
+    assert summary.startswith("ok:")
+
+
+@pytest.fixture(scope="module")
+def classification_run(tiny_encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nc") / "run"
+    result = run_cmft("finetune", "note_classification", f"model.encoder={tiny_encoder}", *SHORT,
+                      "--output-dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_note_classification_run_folder(classification_run):
+    metrics = json.loads((classification_run / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "weighted_f1"):
+        assert 0 <= metrics[key] <= 1
+    assert metrics["split"] == "test" and metrics["n_examples"] == 200
+    assert (classification_run / "plots" / "confusion_matrix.png").is_file()
+    assert (classification_run / "plots" / "loss.png").is_file()
+    model = AutoModelForSequenceClassification.from_pretrained(classification_run / "model")
+    assert len(model.config.id2label) == 20 and "GENHX" in model.config.label2id
+    history = [json.loads(line) for line in (classification_run / "history.jsonl").read_text().splitlines()]
+    assert any("eval_macro_f1" in row for row in history)
+
+
+def test_evaluate_reproduces_metrics_json(classification_run):
+    saved = json.loads((classification_run / "metrics.json").read_text())
+    again = evaluate_run(classification_run, "test")
+    for key in ("accuracy", "macro_f1", "weighted_f1", "n_examples"):
+        assert again[key] == pytest.approx(saved[key], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def icd_run(tiny_encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("icd") / "run"
+    return finetune("icd_coding", [f"model.encoder={tiny_encoder}", *SHORT, "training.max_length=256"],
+                    output_dir=out)  # fmt: skip
+
+
+def test_icd_coding_run_folder_and_threshold(icd_run):
+    metrics = json.loads((icd_run / "metrics.json").read_text())
+    for key in ICD_METRICS:
+        assert key in metrics
+    assert metrics["n_labels"] == 247  # codes with ≥ 5 CodiEsp train documents
+    assert metrics["n_codes_outside_label_space_test"] > 0
+    settings = json.loads((icd_run / "model" / "icd_coding.json").read_text())
+    assert settings["threshold"] == metrics["threshold"] == metrics["dev_threshold"]  # tuned on dev, applied on test
+    assert (icd_run / "plots" / "per_label_precision_recall.png").is_file()
+    assert AutoModel.from_pretrained(icd_run / "model").config.model_type == "modernbert"
+
+
+def test_icd_coder_loads_in_three_lines_and_evaluate_matches(icd_run):
+    coder = IcdCoder.from_pretrained(icd_run / "model")
+    note = _jsonl("data/codiesp/test.jsonl")[0]["text"]
+    probabilities = coder.predict_proba([note])
+    assert probabilities.shape == (1, 247) and ((probabilities >= 0) & (probabilities <= 1)).all()
+    predicted = coder.predict([note])[0]
+    assert all(p >= coder.settings["threshold"] for p in predicted.values())
+    saved = json.loads((icd_run / "metrics.json").read_text())
+    again = evaluate_run(icd_run, "test")
+    for key in ICD_METRICS:
+        assert again[key] == pytest.approx(saved[key], abs=1e-6), key
+
+
+def test_chunked_encoding_equals_encoding_each_chunk_alone(tiny_encoder):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    settings = {
+        "labels": ["E11.9", "I10"],
+        "threshold": 0.5,
+        "mode": "chunked",
+        "head": "label_attention",
+        "attention_dim": 16,
+        "chunk_size": 128,
+        "max_chunks": 8,
+        "max_length": 1024,
+        "level": "code",
+    }
+    coder = IcdCoder(AutoModel.from_pretrained(tiny_encoder, attn_implementation="sdpa"), settings).eval()
+    notes = [row["text"] for row in _jsonl("data/codiesp/train.jsonl")[:3]]
+    features = [{"input_ids": encode_note(tokenizer, note, settings)[0]} for note in notes]
+    assert max(len(f["input_ids"]) for f in features) > 2  # real notes span several chunks
+    batch = collate_notes(features, tokenizer.pad_token_id, settings)
+    with torch.no_grad():
+        states, mask = coder.encode(batch["input_ids"], batch["attention_mask"])
+        for row, feature in enumerate(features):
+            for c, chunk in enumerate(feature["input_ids"]):
+                alone = coder.encoder(input_ids=torch.tensor([chunk])).last_hidden_state[0]
+                start = c * settings["chunk_size"]
+                assert torch.allclose(states[row, start : start + len(chunk)], alone, atol=1e-5)
+        assert int(mask.sum()) == sum(len(chunk) for f in features for chunk in f["input_ids"])
+
+
+def test_chunked_mode_and_pooled_head_train(tiny_encoder, tmp_path):
+    run = finetune(
+        "icd_coding",
+        [
+            f"model.encoder={tiny_encoder}",
+            *SHORT,
+            "icd_coding.mode=chunked",
+            "icd_coding.chunk_size=128",
+            "icd_coding.max_chunks=4",
+            "icd_coding.head=pooled",
+            "icd_coding.label_space.level=category",
+        ],
+        output_dir=tmp_path / "chunked",
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_labels"] > 247  # 3-character categories: more of them reach 5 train documents
+    assert json.loads((run / "model" / "icd_coding.json").read_text())["mode"] == "chunked"
+
+
+def test_label_attention_softmax_runs_in_fp32():
+    from cmft.heads import LabelAttentionHead
+
+    head = LabelAttentionHead(16, 5, 8).to(torch.bfloat16)
+    states = torch.randn(2, 300, 16, dtype=torch.bfloat16)
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, 100:] = False
+    logits = head(states, mask)
+    assert logits.dtype == torch.float32
+    # padding positions get no attention: the padded row equals the same note without padding
+    alone = head(states[1:2, :100], mask[1:2, :100])
+    assert torch.allclose(logits[1], alone[0], atol=1e-2)
+
+
+def test_lora_saves_merged_model_and_adapter_that_agree(tiny_encoder, tmp_path):
+    from peft import PeftModel
+
+    run = finetune("note_classification_lora", [f"model.encoder={tiny_encoder}", *SHORT],
+                   output_dir=tmp_path / "lora")  # fmt: skip
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_encoder, num_labels=merged.config.num_labels, id2label=merged.config.id2label,
+        label2id=merged.config.label2id,
+    )  # fmt: skip
+    adapted = PeftModel.from_pretrained(base, run / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    batch = tokenizer(["Patient denies chest pain.", "Allergic to penicillin, takes metformin daily."],
+                      padding=True, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-5)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"Wqkv", "Wo", "Wi"} and "classifier" in config["modules_to_save"]
+
+
+def test_icd_lora_adapter_includes_the_head(tiny_encoder, tmp_path):
+    from peft import PeftModel
+
+    run = finetune("icd_coding_lora", [f"model.encoder={tiny_encoder}", *SHORT], output_dir=tmp_path / "icdlora")
+    merged = IcdCoder.from_pretrained(run / "model")
+    fresh = IcdCoder(AutoModel.from_pretrained(tiny_encoder), merged.settings)
+    adapted = PeftModel.from_pretrained(fresh, run / "adapter").eval()
+    batch = collate_notes([{"input_ids": encode_note(merged.tokenizer, "Type 2 diabetes with neuropathy.",
+                                                     merged.settings)[0]}], merged.tokenizer.pad_token_id,
+                          merged.settings)  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch)["logits"], adapted(**batch)["logits"], atol=1e-5)
+
+
+def test_code_normalisation():
+    assert normalize_code("n44.8") == "N44.8"
+    assert normalize_code("E119") == "E11.9"
+    assert normalize_code(" r52 ") == "R52"
+    assert normalize_code("z20.818") == "Z20.818"
+    assert normalize_code("E11.9", "category") == "E11"
+    assert normalize_code("bw03zzz") == "BW03ZZZ"  # a procedure code is left as it is
+
+
+def _jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_icd(tmp_path):
+    rows = _jsonl("data/codiesp/train.jsonl")[:40]
+    return tmp_path, rows
+
+
+def _bad(*args):
+    result = run_cmft(*args)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tiny_encoder, small_icd):
+    tmp_path, rows = small_icd
+    encoder = f"model.encoder={tiny_encoder}"
+    out = tmp_path / "out"
+    duplicate = _write(tmp_path / "dup.jsonl", rows[:5] + rows[:1])
+    assert "duplicate id" in _bad(
+        "finetune", "icd_coding", encoder, f"data.train={duplicate}", "--output-dir", str(out)
+    )
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n{not json\n", encoding="utf-8")
+    assert "line 2 is not valid JSON" in _bad("finetune", "icd_coding", encoder, f"data.dev={broken}",
+                                              "--output-dir", str(out))  # fmt: skip
+    assert "file not found" in _bad("finetune", "icd_coding", encoder, "data.test=missing.jsonl",
+                                    "--output-dir", str(out))  # fmt: skip
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((tiny_encoder / "config.json").read_text())
+    assert "tokenizer" in _bad("finetune", "icd_coding", f"model.encoder={no_tokenizer}", "--output-dir", str(out))
+    assert "did you mean 'training.epochs'" in _bad("finetune", "icd_coding", encoder, "training.epoch=3",
+                                                    "--output-dir", str(out))  # fmt: skip
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_classification_test_label_outside_train_labels(tiny_encoder, tmp_path):
+    import csv
+
+    rows = list(csv.DictReader(io.StringIO(Path("data/mts_dialog/test1.csv").read_text(encoding="utf-8"))))
+    rows[0]["section_header"] = "NOT_A_SECTION"
+    path = tmp_path / "test.csv"
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    line = _bad("finetune", "note_classification", f"model.encoder={tiny_encoder}", f"data.test={path}",
+                "--output-dir", str(tmp_path / "out"))  # fmt: skip
+    assert "not in the train labels" in line and "NOT_A_SECTION" in line
+
+
+def test_missing_latest_encoder_says_to_pretrain(tmp_path):
+    result = run_cmft("finetune", "note_classification", cwd=tmp_path)
+    assert result.returncode == 2 and "run `cmft pretrain` first" in result.stderr
+
+
+def test_folder_with_tsv_labels_and_counted_empty_notes(tiny_encoder, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    rows = _jsonl("data/codiesp/train.jsonl")[:30]
+    labels = []
+    for row in rows:
+        (notes / f"{row['id']}.txt").write_text(row["text"], encoding="utf-8")
+        labels += [f"{row['id']}\t{code}\n" for code in row["codes"]]
+    (notes / "empty-note.txt").write_text("   \n", encoding="utf-8")
+    (tmp_path / "labels.tsv").write_text("".join(labels), encoding="utf-8")
+    from cmft.finetuning.run import load_recipe
+    from cmft.tasks import get_task
+
+    recipe = load_recipe("icd_coding", ["icd_coding.label_space.min_train_count=3"])
+    recipe.data.train = {"texts": str(notes), "labels": str(tmp_path / "labels.tsv")}
+    recipe = type(recipe).model_validate(recipe.model_dump())
+    task = get_task(recipe)
+    task.prepare(AutoTokenizer.from_pretrained(tiny_encoder), splits=("train",))
+    assert len(task.datasets["train"]) == 30 and task.report["n_empty_skipped_train"] == 1
+    targets = np.stack([row["labels"] for row in task.datasets["train"]])
+    assert targets.sum() > 0 and targets.shape[1] == len(task.labels)
+    (tmp_path / "labels.tsv").write_text("no-such-doc\tE11.9\n", encoding="utf-8")
+    task = get_task(recipe)
+    from cmft.errors import CmftError
+
+    with pytest.raises(CmftError, match="has no .txt file"):
+        task.prepare(AutoTokenizer.from_pretrained(tiny_encoder), splits=("train",))
