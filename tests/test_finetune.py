@@ -286,3 +286,42 @@ def test_folder_with_tsv_labels_and_counted_empty_notes(tiny_encoder, tmp_path):
 
     with pytest.raises(CmftError, match="has no .txt file"):
         task.prepare(AutoTokenizer.from_pretrained(tiny_encoder), splits=("train",))
+
+
+def test_finetune_resume_reproduces_the_uninterrupted_run(classification_run, tmp_path):
+    """Back to `.partial` with only the step-2 checkpoint, as after a crash: `--resume` ends where the
+    uninterrupted run ended (same test metrics)."""
+    import shutil
+
+    partial = tmp_path / "crashed.partial"
+    shutil.copytree(classification_run, partial)
+    checkpoints = sorted((partial / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    shutil.rmtree(checkpoints[-1])
+    for name in ("model", "metrics.json", "plots"):
+        path = partial / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = finetune(output_dir=tmp_path / "crashed", resume=True)
+    first = json.loads((classification_run / "metrics.json").read_text())
+    second = json.loads((resumed / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "weighted_f1", "dev_macro_f1"):
+        assert second[key] == pytest.approx(first[key], abs=1e-9), key
+
+
+def test_label_queries_can_start_from_icd_descriptions(tiny_encoder):
+    from cmft.finetuning.run import load_recipe
+    from cmft.tasks import get_task
+
+    recipe = load_recipe("icd_coding", [f"model.encoder={tiny_encoder}", "training.max_length=128"])
+    task = get_task(recipe)
+    task.prepare(AutoTokenizer.from_pretrained(tiny_encoder), splits=("train",))
+    torch.manual_seed(0)
+    plain = task.build_model(str(tiny_encoder), "sdpa", False)
+    task.options.init_from_descriptions = True
+    torch.manual_seed(0)
+    described = task.build_model(str(tiny_encoder), "sdpa", False)
+    changed = (plain.head.label_queries.weight - described.head.label_queries.weight).abs().sum(-1) > 0
+    assert changed.float().mean() > 0.9  # nearly every CodiEsp code has an ICD-10-CM 2024 description
+    assert torch.isfinite(described.head.label_queries.weight).all()
+    # the output bias starts at each code's train log-odds in both
+    assert torch.equal(plain.head.output_bias, described.head.output_bias)

@@ -127,17 +127,22 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
         model = wrap_lora(model, model_type, recipe.tuning, head_modules)
     trainer = _build_trainer(recipe, task, model, tokenizer, head_modules, work)
     checkpoints = work / "checkpoints"
-    trainer.train(resume_from_checkpoint=True if resume and any(checkpoints.glob("checkpoint-*")) else None)
-    train_seconds = time.monotonic() - started
-
-    report: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "encoder": encoder, **task.report}
+    output = trainer.train(resume_from_checkpoint=True if resume and any(checkpoints.glob("checkpoint-*")) else None)
+    report: dict[str, Any] = {
+        "train_seconds": round(time.monotonic() - started, 1),  # everything up to here: data, model, training
+        "train_examples_per_s": round(output.metrics.get("train_samples_per_second", 0.0), 2),
+        "encoder": encoder,
+        **task.report,
+    }
     trainer.compute_metrics = None  # final predictions: no metric hook (it would tune the ICD threshold on test)
     dev_metrics: dict[str, Any] = {}
     if "dev" in task.datasets:
         logits, labels = _predict(trainer, task.datasets["dev"])
         dev_metrics = task.metrics(logits, labels, tune=True)  # ICD: the threshold is tuned here
     split = "test" if "test" in task.datasets else "dev"
+    predict_started = time.monotonic()
     logits, labels = _predict(trainer, task.datasets[split])
+    report[f"{split}_examples_per_s"] = round(len(task.datasets[split]) / (time.monotonic() - predict_started), 2)
     metrics = task.metrics(logits, labels) if split == "test" else dict(dev_metrics)
     metrics |= {"split": split, "n_examples": len(task.datasets[split])}
     metrics |= {f"dev_{k}": v for k, v in dev_metrics.items() if isinstance(v, (int, float))}
