@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForLanguageModeling, ModernBertConfig, ModernBertForMaskedLM
+from transformers import DataCollatorForLanguageModeling, ModernBertForMaskedLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -30,6 +30,7 @@ from cmft.config import load_config  # noqa: E402
 from cmft.paths import resolve_bundled  # noqa: E402
 from cmft.pretraining.config import PretrainConfig  # noqa: E402
 from cmft.pretraining.corpus import build_corpus  # noqa: E402
+from cmft.pretraining.engine import modernbert_config  # noqa: E402
 from cmft.pretraining.lexicon import Lexicon  # noqa: E402
 from cmft.pretraining.masking import Masker  # noqa: E402
 from cmft.pretraining.packing import PackedDataset, collate_packed, model_inputs, tokenize_documents  # noqa: E402
@@ -41,26 +42,8 @@ RATE = 0.15
 
 
 def build_model(config: PretrainConfig, tokenizer, sparse: bool) -> ModernBertForMaskedLM:
-    arch = config.model.architecture
     torch.manual_seed(config.seed)
-    model_config = ModernBertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        intermediate_size=arch.intermediate_size,
-        max_position_embeddings=arch.max_position_embeddings,
-        local_attention=arch.local_attention,
-        global_attn_every_n_layers=arch.global_attn_every_n_layers,
-        pad_token_id=tokenizer.pad_token_id,
-        cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        sparse_prediction=sparse,
-    )
-    model_config._attn_implementation = "sdpa"
-    return ModernBertForMaskedLM(model_config).train()
+    return ModernBertForMaskedLM(modernbert_config(config.model.architecture, tokenizer, "sdpa", sparse)).train()
 
 
 def measure(model, batches, steps: int, warmup: int) -> dict:

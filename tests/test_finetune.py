@@ -325,3 +325,28 @@ def test_label_queries_can_start_from_icd_descriptions(tiny_encoder):
     assert torch.isfinite(described.head.label_queries.weight).all()
     # the output bias starts at each code's train log-odds in both
     assert torch.equal(plain.head.output_bias, described.head.output_bias)
+
+
+def test_recipes_list_show_and_cp(tmp_path):
+    listed = run_cmft("recipes", "list")
+    assert listed.returncode == 0
+    for name in ("icd_coding", "icd_coding_lora", "note_classification", "note_classification_lora"):
+        assert name in listed.stdout
+    shown = run_cmft("recipes", "show", "icd_coding")
+    assert shown.returncode == 0 and shown.stdout == Path("recipes/icd_coding.yaml").read_text(encoding="utf-8")
+    copied = run_cmft("recipes", "cp", "note_classification", str(tmp_path))
+    assert copied.returncode == 0
+    assert (tmp_path / "note_classification.yaml").read_text() == Path("recipes/note_classification.yaml").read_text()
+    again = run_cmft("recipes", "cp", "note_classification", str(tmp_path))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    unknown = run_cmft("recipes", "show", "icd_codin")
+    assert unknown.returncode == 2 and "bundled: icd_coding" in unknown.stderr
+
+
+def test_evaluate_cli_on_another_data_file(classification_run):
+    result = run_cmft("evaluate", str(classification_run), "--split", "test", "--data", "data/mts_dialog/test2.csv")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout)
+    assert metrics["n_examples"] == 200 and 0 <= metrics["accuracy"] <= 1
+    bad = run_cmft("evaluate", str(classification_run / "model"))
+    assert bad.returncode == 2 and "not a finished fine-tuning run" in bad.stderr

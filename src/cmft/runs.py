@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+from cmft.config import apply_overrides, build_config, read_yaml
 from cmft.errors import CmftError
 
 PARTIAL = ".partial"
@@ -71,3 +74,33 @@ def finish_run(final: Path) -> Path:
 def discard_run(final: Path) -> None:
     """Remove the work folder of a run that failed on bad input before training started."""
     shutil.rmtree(partial_of(final), ignore_errors=True)
+
+
+def start_or_resume(
+    kind: str,
+    schema: type,
+    load_new: Callable[[], Any],
+    output_dir: str | Path | None,
+    resume: bool,
+    overrides: list[str],
+) -> tuple[Any, Path, Path]:
+    """(config, final path, work folder): a new run from `load_new()`, or the unfinished one to resume
+    with its saved recipe.yaml (plus any overrides)."""
+    if resume:
+        final = find_resumable(kind, output_dir)
+        work = partial_of(final)
+        data = apply_overrides(read_yaml(work / "recipe.yaml"), overrides)
+        return build_config(schema, data, str(work / "recipe.yaml")), final, work
+    config = load_new()
+    final = new_run_dir(kind, config.run_name, output_dir)
+    return config, final, partial_of(final)
+
+
+def run_or_discard(final: Path, resume: bool, body: Callable[[], Path]) -> Path:
+    """Run `body`; on bad input discovered mid-way, leave no half-written new run folder behind."""
+    try:
+        return body()
+    except CmftError:
+        if not resume:
+            discard_run(final)
+        raise

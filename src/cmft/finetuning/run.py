@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmft.config import apply_overrides, build_config, load_config, read_yaml
+from cmft.config import load_config
 from cmft.errors import CmftError
 from cmft.finetuning.config import RecipeConfig
 from cmft.paths import repo_root
-from cmft.runs import discard_run, find_resumable, new_run_dir, partial_of
+from cmft.runs import run_or_discard, start_or_resume
 
 
 def bundled_recipes() -> dict[str, Path]:
@@ -40,22 +40,11 @@ def finetune(
 ) -> Path:
     """Fine-tune per the recipe; returns the finished run folder."""
     overrides = list(overrides or [])
-    if resume:
-        final = find_resumable("finetune", output_dir)
-        work = partial_of(final)
-        data = apply_overrides(read_yaml(work / "recipe.yaml"), overrides)
-        config = build_config(RecipeConfig, data, str(work / "recipe.yaml"))
-    else:
-        if recipe is None:
-            raise CmftError("cmft finetune needs a recipe: a path or a bundled name (see `cmft recipes list`)")
-        config = load_recipe(recipe, overrides)
-        final = new_run_dir("finetune", config.run_name, output_dir)
-        work = partial_of(final)
+    if recipe is None and not resume:
+        raise CmftError("cmft finetune needs a recipe: a path or a bundled name (see `cmft recipes list`)")
+    config, final, work = start_or_resume(
+        "finetune", RecipeConfig, lambda: load_recipe(recipe or "", overrides), output_dir, resume, overrides
+    )
     from cmft.finetuning.engine import run_finetuning
 
-    try:
-        return run_finetuning(config, final, work, resume)
-    except CmftError:
-        if not resume:
-            discard_run(final)
-        raise
+    return run_or_discard(final, resume, lambda: run_finetuning(config, final, work, resume))

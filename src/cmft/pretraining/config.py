@@ -149,6 +149,10 @@ class PretrainConfig(StrictModel):
     long_context: LongContextConfig | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
 
+    @property
+    def run_name(self) -> str:
+        return self.name
+
     @model_validator(mode="after")
     def _lengths_fit(self) -> PretrainConfig:
         if self.model.init_from is None:

@@ -23,7 +23,7 @@ from transformers import (
 from cmft.config import dump_config
 from cmft.errors import CmftError
 from cmft.modeling import check_model_source, hub_error, resolve_attention
-from cmft.pretraining.config import PretrainConfig
+from cmft.pretraining.config import ArchitectureConfig, PretrainConfig
 from cmft.pretraining.corpus import Corpus, build_corpus
 from cmft.pretraining.evaluate import masked_token_accuracy
 from cmft.pretraining.lexicon import Lexicon
@@ -55,14 +55,11 @@ class Setup:
     vocab: dict
 
 
-def _new_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast, attention: str) -> PreTrainedModel:
-    arch = config.model.architecture
-    if config.training.max_length > arch.max_position_embeddings:
-        raise CmftError(
-            f"training.max_length: {config.training.max_length} is above "
-            f"model.architecture.max_position_embeddings ({arch.max_position_embeddings})"
-        )
-    model_config = ModernBertConfig(
+def modernbert_config(
+    arch: ArchitectureConfig, tokenizer: PreTrainedTokenizerFast, attention: str, sparse_prediction: bool = True
+) -> ModernBertConfig:
+    """A fresh ModernBertConfig (a fresh one per model: `from_config` writes the backend into it)."""
+    config = ModernBertConfig(
         vocab_size=len(tokenizer),
         hidden_size=arch.hidden_size,
         num_hidden_layers=arch.num_hidden_layers,
@@ -81,10 +78,10 @@ def _new_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast, atten
         sep_token_id=tokenizer.sep_token_id,
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
-        sparse_prediction=True,
+        sparse_prediction=sparse_prediction,
     )
-    model_config._attn_implementation = attention
-    return ModernBertForMaskedLM(model_config)
+    config._attn_implementation = attention
+    return config
 
 
 def _continued_model(config: PretrainConfig, attention: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -129,7 +126,7 @@ def _setup(config: PretrainConfig, corpus: Corpus, lexicon: Lexicon, work: Path,
                 config.model.architecture.max_position_embeddings,
             )
             log.info("tokenizer: trained %d tokens in %.1f s", len(tokenizer), time.monotonic() - started)
-        model = _new_model(config, tokenizer, attention)
+        model = ModernBertForMaskedLM(modernbert_config(config.model.architecture, tokenizer, attention))
         vocab = {
             "tokenizer": "trained",
             "vocab_size": len(tokenizer),
