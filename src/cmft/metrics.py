@@ -9,6 +9,7 @@ where they are undefined. Everything is vectorised numpy so a 250 x 2,000 evalua
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
@@ -197,4 +198,24 @@ def classification_metrics(
         "accuracy": float(accuracy_score(t, pr)),
         "macro_f1": float(f1_score(t, pr, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(t, pr, average="weighted", zero_division=0)),
+    }
+
+
+def entity_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, Any]:
+    """Entity-level precision, recall, F1 with seqeval in strict IOB2 mode, plus the same per entity type."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    options = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
+    report = classification_report(gold, predicted, output_dict=True, **options)
+    per_type = {
+        name: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
+               "support": int(v["support"])}
+        for name, v in report.items() if not name.endswith("avg")
+    }  # fmt: skip
+    return {
+        "precision": float(precision_score(gold, predicted, **options)),
+        "recall": float(recall_score(gold, predicted, **options)),
+        "f1": float(f1_score(gold, predicted, **options)),
+        "per_type": per_type,
     }

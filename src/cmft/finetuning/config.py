@@ -94,6 +94,15 @@ class IcdCodingConfig(StrictModel):
     """Start each label query from the encoder's embedding of its ICD-10-CM description."""
 
 
+class NerConfig(StrictModel):
+    token_column: int = 0
+    tag_column: int = -1
+    stride: int = Field(32, ge=0)
+    """Sub-tokens shared by consecutive windows when a sentence is longer than max_length."""
+    label_all_subtokens: bool = False
+    """Train on every sub-token (default: only a word's first sub-token carries its tag)."""
+
+
 class RecipeConfig(StrictModel):
     task: Literal[TASKS]  # type: ignore[valid-type]
     name: str | None = None
@@ -104,10 +113,11 @@ class RecipeConfig(StrictModel):
     training: TrainingConfig = TrainingConfig()
     classification: ClassificationConfig | None = None
     icd_coding: IcdCodingConfig | None = None
+    ner: NerConfig | None = None
 
     @model_validator(mode="after")
     def _sections_match_task(self) -> RecipeConfig:
-        sections = {"classification": "note_classification", "icd_coding": "icd_coding"}
+        sections = {"classification": "note_classification", "icd_coding": "icd_coding", "ner": "ner"}
         for section, task in sections.items():
             if getattr(self, section) is not None and self.task != task:
                 raise ValueError(f"section `{section}` is for task {task}, but this recipe's task is {self.task}")
@@ -115,6 +125,10 @@ class RecipeConfig(StrictModel):
             self.classification = ClassificationConfig()
         if self.task == "icd_coding" and self.icd_coding is None:
             self.icd_coding = IcdCodingConfig()
+        if self.task == "ner" and self.ner is None:
+            self.ner = NerConfig()
+        if self.task == "ner" and self.ner.stride >= self.training.max_length - 2:
+            raise ValueError("ner.stride must be smaller than training.max_length - 2")
         if self.task == "icd_coding" and self.training.max_length > 8192:
             raise ValueError("training.max_length must be at most 8192")
         return self

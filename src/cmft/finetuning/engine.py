@@ -138,12 +138,12 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     dev_metrics: dict[str, Any] = {}
     if "dev" in task.datasets:
         logits, labels = _predict(trainer, task.datasets["dev"])
-        dev_metrics = task.metrics(logits, labels, tune=True)  # ICD: the threshold is tuned here
+        dev_metrics = task.metrics(logits, labels, "dev", tune=True)  # ICD: the threshold is tuned here
     split = "test" if "test" in task.datasets else "dev"
     predict_started = time.monotonic()
     logits, labels = _predict(trainer, task.datasets[split])
     report[f"{split}_examples_per_s"] = round(len(task.datasets[split]) / (time.monotonic() - predict_started), 2)
-    metrics = task.metrics(logits, labels) if split == "test" else dict(dev_metrics)
+    metrics = task.metrics(logits, labels, split) if split == "test" else dict(dev_metrics)
     metrics |= {"split": split, "n_examples": len(task.datasets[split])}
     metrics |= {f"dev_{k}": v for k, v in dev_metrics.items() if isinstance(v, (int, float))}
     metrics |= {k: v for k, v in report.items() if isinstance(v, (int, float))}
@@ -189,7 +189,7 @@ def _build_trainer(recipe, task, model, tokenizer, head_modules, work: Path) -> 
         model=model, args=args, train_dataset=task.datasets["train"], eval_dataset=task.datasets.get("dev"),
         data_collator=task.collator(tokenizer), callbacks=callbacks, task=task, head_modules=head_modules,
         head_learning_rate=t.head_learning_rate,
-        compute_metrics=(lambda p: task.metrics(p.predictions, p.label_ids, tune=True)) if has_dev else None,
+        compute_metrics=(lambda p: task.metrics(p.predictions, p.label_ids, "dev", tune=True)) if has_dev else None,
     )  # fmt: skip
     quiet_trainer(trainer)
     return trainer

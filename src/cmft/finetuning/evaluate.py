@@ -46,5 +46,5 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | No
     task.prepare(tokenizer, splits=(split,), labels=task.saved_labels(model_dir))
     logits, labels = predict_logits(model, task.datasets[split], task.collator(tokenizer),
                                     recipe.training.eval_batch_size)  # fmt: skip
-    metrics = task.metrics(logits, labels)
+    metrics = task.metrics(logits, labels, split)
     return {**metrics, "split": split, "n_examples": len(task.datasets[split])}

@@ -15,6 +15,10 @@ def get_task(recipe: Any):
         from cmft.tasks.icd_coding import IcdCodingTask
 
         return IcdCodingTask(recipe)
+    if recipe.task == "ner":
+        from cmft.tasks.ner import NerTask
+
+        return NerTask(recipe)
     from cmft.errors import CmftError
 
     raise CmftError(f"task {recipe.task!r}: not available yet (its recipe arrives in a later release)")

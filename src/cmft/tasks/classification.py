@@ -98,7 +98,9 @@ class ClassificationTask:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
 
-    def metrics(self, logits: np.ndarray, labels: np.ndarray, tune: bool = False) -> dict[str, Any]:
+    def metrics(
+        self, logits: np.ndarray, labels: np.ndarray, split: str = "test", tune: bool = False
+    ) -> dict[str, Any]:
         predictions = np.asarray(logits).argmax(-1)
         return classification_metrics(np.asarray(labels).tolist(), predictions.tolist(), len(self.labels))
 

@@ -236,7 +236,9 @@ class IcdCodingTask:
     def saved_labels(self, folder: Path) -> list[str]:
         return json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8"))["labels"]
 
-    def metrics(self, logits: np.ndarray, labels: np.ndarray, tune: bool = False) -> dict[str, Any]:
+    def metrics(
+        self, logits: np.ndarray, labels: np.ndarray, split: str = "test", tune: bool = False
+    ) -> dict[str, Any]:
         probabilities = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
         labels = np.asarray(labels)
         if tune:  # one global threshold, chosen on dev, saved with the model, applied to test
