@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.metrics import classification_metrics
+from cmft.tasks.common import head_modules, saved_labels
 
 
 class ClassificationTask:
@@ -86,17 +87,14 @@ class ClassificationTask:
         return nn.functional.cross_entropy(outputs.logits.float(), labels, weight=weight), outputs
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        base = getattr(model, "base_model_prefix", "model")
-        children = model.named_children()
-        return [name for name, child in children if name != base and next(child.parameters(), None) is not None]
+        return head_modules(model)
 
     # metrics ----------------------------------------------------------------------------------------
     def load_model(self, folder: Path) -> nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(folder).eval()
 
     def saved_labels(self, folder: Path) -> list[str]:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        return saved_labels(folder)
 
     def metrics(
         self, logits: np.ndarray, labels: np.ndarray, split: str = "test", tune: bool = False

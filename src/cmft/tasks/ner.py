@@ -14,6 +14,7 @@ from transformers import AutoModelForTokenClassification, DataCollatorForTokenCl
 
 from cmft.errors import CmftError
 from cmft.paths import resolve_bundled
+from cmft.tasks.common import head_modules, saved_labels
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -200,16 +201,13 @@ class NerTask:
         return outputs.loss, outputs
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        base = getattr(model, "base_model_prefix", "model")
-        children = model.named_children()
-        return [name for name, child in children if name != base and next(child.parameters(), None) is not None]
+        return head_modules(model)
 
     def load_model(self, folder: Path) -> nn.Module:
         return AutoModelForTokenClassification.from_pretrained(folder).eval()
 
     def saved_labels(self, folder: Path) -> list[str]:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        return saved_labels(folder)
 
     def word_predictions(self, logits: np.ndarray, split: str) -> list[list[str]]:
         predictions, cursor = [], 0
