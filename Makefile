@@ -21,6 +21,8 @@ install-dev: $(PY)
 
 demo: install
 	$(CMFT_VENV)/bin/cmft pretrain
+	$(CMFT_VENV)/bin/cmft finetune note_classification
+	$(CMFT_VENV)/bin/cmft evaluate runs/finetune/latest
 
 test: install-dev
 	$(CMFT_VENV)/bin/ruff check src tests benchmarks
