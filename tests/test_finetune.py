@@ -350,3 +350,19 @@ def test_evaluate_cli_on_another_data_file(classification_run):
     assert metrics["n_examples"] == 200 and 0 <= metrics["accuracy"] <= 1
     bad = run_cmft("evaluate", str(classification_run / "model"))
     assert bad.returncode == 2 and "not a finished fine-tuning run" in bad.stderr
+
+
+def test_predictions_come_back_in_dataset_order(tiny_encoder, tmp_path):
+    """Training batches are length-grouped; evaluation must not be (NER merges windows by position)."""
+    from cmft.finetuning.engine import _build_trainer, _predict
+    from cmft.finetuning.run import load_recipe
+    from cmft.tasks import get_task
+
+    recipe = load_recipe("note_classification", [f"model.encoder={tiny_encoder}", "training.max_length=64"])
+    task = get_task(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    task.prepare(tokenizer)
+    model = task.build_model(str(tiny_encoder), "sdpa", False)
+    trainer = _build_trainer(recipe, task, model, tokenizer, task.head_modules(model), tmp_path)
+    _, labels = _predict(trainer, task.datasets["test"])
+    assert labels.tolist() == [row["labels"] for row in task.datasets["test"]]

@@ -104,6 +104,13 @@ def test_ner_recipe_end_to_end(tiny_encoder, tmp_path):
     assert metrics["n_windowed_test"] > 0  # max_length 64: long sentences were windowed, not truncated
     model = AutoModelForTokenClassification.from_pretrained(run / "model")
     assert model.config.id2label == {0: "O", 1: "B-Disease", 2: "I-Disease"}
+    # predictions come back in dataset order (windows are merged per sentence by position): `cmft evaluate`,
+    # which predicts sentence by sentence, must give the same scores as the training run
+    from cmft.finetuning.evaluate import evaluate_run
+
+    again = evaluate_run(run, "test")
+    for key in ("precision", "recall", "f1"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-9), key
 
 
 def test_unknown_test_tag_and_malformed_lines_exit_2(tiny_encoder, tmp_path):

@@ -75,6 +75,11 @@ class FinetuneTrainer(Trainer):
         loss, outputs = self.task.loss(model, dict(inputs))
         return (loss, outputs) if return_outputs else loss
 
+    def _get_eval_sampler(self, eval_dataset):
+        # Length grouping is for training only: predictions must come back in dataset order (NER merges
+        # windows per sentence by position).
+        return torch.utils.data.SequentialSampler(eval_dataset)
+
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.head_learning_rate is not None:
             head, body = [], []
