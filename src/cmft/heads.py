@@ -50,8 +50,3 @@ class PooledHead(nn.Module):
         weights = mask.float()[..., None]
         pooled = (states.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return self.linear(pooled.to(self.linear.weight.dtype)).float()
-
-
-def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask.to(states.dtype)[..., None]
-    return (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)

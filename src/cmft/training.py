@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -172,7 +171,3 @@ def plot_history(history: list[dict[str, Any]], path: Path, keys: tuple[str, ...
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ class Split:
     examples: list[Example]
     skipped_empty: int = 0
     source: str = ""
-    notes: dict[str, int] = field(default_factory=dict)
 
 
 def _existing(path: str, field_name: str) -> Path:

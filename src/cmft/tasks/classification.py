@@ -20,7 +20,6 @@ from cmft.tasks.common import head_modules, saved_labels
 
 class ClassificationTask:
     metric_for_best = "macro_f1"
-    multi_label = False
 
     def __init__(self, recipe: Any):
         self.recipe = recipe

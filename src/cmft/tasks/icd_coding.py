@@ -148,7 +148,6 @@ def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -
 
 class IcdCodingTask:
     metric_for_best = "micro_f1"
-    multi_label = True
 
     def __init__(self, recipe: Any):
         self.recipe = recipe

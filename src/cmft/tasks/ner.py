@@ -130,7 +130,6 @@ def merge_windows(windows: list[dict], window_logits: list[np.ndarray], n_words:
 
 class NerTask:
     metric_for_best = "f1"
-    multi_label = False
 
     def __init__(self, recipe: Any):
         self.recipe = recipe
