@@ -63,7 +63,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build_pubmedqa(src: Path, dst: Path) -> dict[str, int]:
-    """Copy abstracts.txt and LICENSE, write questions.jsonl; check text agrees with the txt."""
+    """Copy abstracts.txt and LICENSE, write questions_{train,dev,test}.jsonl; check text agrees with the txt."""
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "pubmedqa_abstracts.txt", dst / "abstracts.txt")
     shutil.copyfile(src / "LICENSE.upstream", dst / "LICENSE.upstream")
@@ -86,7 +86,9 @@ def build_pubmedqa(src: Path, dst: Path) -> dict[str, int]:
                 "final_decision": entry["final_decision"],
             }
         )
-    write_jsonl(dst / "questions.jsonl", rows)
+    # question -> abstract retrieval splits, in ori_pqal.json order: 800 train, 100 dev, 100 test
+    for name, part in (("train", rows[:800]), ("dev", rows[800:900]), ("test", rows[900:])):
+        write_jsonl(dst / f"questions_{name}.jsonl", part)
     return {"abstracts": len(rows)}
 
 

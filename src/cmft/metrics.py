@@ -8,6 +8,7 @@ where they are undefined. Everything is vectorised numpy so a 250 x 2,000 evalua
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -219,3 +220,37 @@ def entity_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict[st
         "f1": float(f1_score(gold, predicted, **options)),
         "per_type": per_type,
     }
+
+
+# retrieval -------------------------------------------------------------------------------------------------------
+# The definitions of sentence-transformers' InformationRetrievalEvaluator (binary relevance; ties broken by
+# ascending document id), so figures compare directly with sentence-transformers and MTEB-style reports.
+RETRIEVAL_CUTOFFS = {"ndcg": (10,), "mrr": (10,), "recall": (10, 100), "map": (100,), "accuracy": (1,)}
+
+
+def retrieval_metrics(rankings: list[list[str]], relevant: list[set[str]]) -> dict[str, float]:
+    """ndcg@10, mrr@10, recall@10, recall@100, map@100 and accuracy@1 of ranked document ids per query."""
+    if not rankings or len(rankings) != len(relevant):
+        raise ValueError("one ranking per query, and at least one query")
+    sums: dict[str, float] = {f"{name}@{k}": 0.0 for name, ks in RETRIEVAL_CUTOFFS.items() for k in ks}
+    for ranking, gold in zip(rankings, relevant, strict=True):
+        hits = [doc in gold for doc in ranking]
+        for k in RETRIEVAL_CUTOFFS["ndcg"]:
+            dcg = sum(1 / math.log2(rank + 2) for rank, hit in enumerate(hits[:k]) if hit)
+            ideal = sum(1 / math.log2(rank + 2) for rank in range(min(len(gold), k)))
+            sums[f"ndcg@{k}"] += dcg / ideal
+        for k in RETRIEVAL_CUTOFFS["mrr"]:
+            first = next((rank for rank, hit in enumerate(hits[:k]) if hit), None)
+            sums[f"mrr@{k}"] += 0.0 if first is None else 1 / (first + 1)
+        for k in RETRIEVAL_CUTOFFS["recall"]:
+            sums[f"recall@{k}"] += sum(hits[:k]) / len(gold)
+        for k in RETRIEVAL_CUTOFFS["map"]:
+            found, precision_sum = 0, 0.0
+            for rank, hit in enumerate(hits[:k]):
+                if hit:
+                    found += 1
+                    precision_sum += found / (rank + 1)
+            sums[f"map@{k}"] += precision_sum / min(k, len(gold))
+        for k in RETRIEVAL_CUTOFFS["accuracy"]:
+            sums[f"accuracy@{k}"] += float(any(hits[:k]))
+    return {key: value / len(rankings) for key, value in sums.items()}

@@ -35,10 +35,12 @@ def training_arguments(
     save_total_limit: int,
     seed: int,
     bf16: bool | str,
+    cls: type[TrainingArguments] = TrainingArguments,
+    **extra: Any,
 ) -> TrainingArguments:
-    """TrainingArguments with cmft's conventions: checkpoints in the run folder, no external reporting."""
+    """TrainingArguments (or a subclass) with cmft's conventions: checkpoints in the run folder, no reporting."""
     use_bf16 = bf16_available() if bf16 == "auto" else bool(bf16)
-    return TrainingArguments(
+    return cls(
         output_dir=str(output_dir),
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
@@ -59,6 +61,7 @@ def training_arguments(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        **extra,
     )
 
 

@@ -30,14 +30,14 @@ class Split:
     source: str = ""
 
 
-def _existing(path: str, field_name: str) -> Path:
+def existing(path: str, field_name: str) -> Path:
     resolved = resolve_bundled(path)
     if not resolved.exists():
         raise CmftError(f"{field_name}: {path}: file not found")
     return resolved
 
 
-def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line or row number, record) from a jsonl or csv file."""
     if fmt == "auto":
         fmt = "csv" if path.suffix.lower() in {".csv", ".tsv"} else "jsonl"
@@ -79,7 +79,7 @@ def _label_value(value: Any, multi_label: bool, where: str) -> Any:
 def _from_file(path: Path, data: DataConfig, multi_label: bool, name: str) -> Split:
     split = Split(name=name, examples=[], source=str(path))
     seen: dict[str, int] = {}
-    for number, record in _records(path, data.format):
+    for number, record in iter_records(path, data.format):
         where = f"{path}: line {number}"
         for key in (data.text_field, data.label_field):
             if key not in record or record[key] is None:
@@ -99,8 +99,8 @@ def _from_file(path: Path, data: DataConfig, multi_label: bool, name: str) -> Sp
 
 
 def _from_folder(source: FolderSplit, multi_label: bool, name: str, field_name: str) -> Split:
-    folder = _existing(source.texts, f"{field_name}.texts")
-    labels_path = _existing(source.labels, f"{field_name}.labels")
+    folder = existing(source.texts, f"{field_name}.texts")
+    labels_path = existing(source.labels, f"{field_name}.labels")
     if not folder.is_dir():
         raise CmftError(f"{field_name}.texts: {source.texts}: not a folder")
     texts: dict[str, str] = {}
@@ -142,7 +142,7 @@ def read_split(data: DataConfig, name: str, multi_label: bool) -> Split | None:
     if isinstance(source, FolderSplit):
         split = _from_folder(source, multi_label, name, f"data.{name}")
     else:
-        split = _from_file(_existing(source, f"data.{name}"), data, multi_label, name)
+        split = _from_file(existing(source, f"data.{name}"), data, multi_label, name)
     if not split.examples:
         raise CmftError(f"data.{name}: {split.source}: no non-empty example")
     return split

@@ -103,6 +103,30 @@ class NerConfig(StrictModel):
     """Train on every sub-token (default: only a word's first sub-token carries its tag)."""
 
 
+class RetrievalConfig(StrictModel):
+    query_field: str = "query"
+    """Pairs / triplets files (jsonl or csv): the query column."""
+    document_field: str = "positive"
+    """The relevant document's column."""
+    negative_field: str = "negative"
+    """Optional column of negative documents (a string or a list); used for training when present."""
+    pooling: Literal["mean", "cls"] = "mean"
+    loss: Literal["in_batch", "cached"] = "in_batch"
+    """`in_batch`: MultipleNegativesRankingLoss; `cached`: its GradCache version, for large batches on small memory."""
+    mini_batch_size: PositiveInt = 16
+    """`cached` loss: examples embedded per forward pass (memory), while the batch stays training.batch_size."""
+    group_by_length: bool = True
+    """Batches of similar length (far less padding) with no text twice; false: sentence-transformers' sampler."""
+    scale: PositiveFloat = 20.0
+    """Similarity scale (inverse temperature) of the in-batch softmax."""
+    hard_negatives: int = Field(0, ge=0, le=16)
+    """Negatives mined per training query with the starting model (0 = in-batch negatives only)."""
+    hard_negative_margin: float = Field(0.05, ge=0, lt=1)
+    """A mined negative must score below (1 - margin) × the positive's score, to skip unlabelled positives."""
+    top_k: PositiveInt = 100
+    """Hits ranked per query for the metrics (recall@100, map@100 need 100)."""
+
+
 class RecipeConfig(StrictModel):
     task: Literal[TASKS]  # type: ignore[valid-type]
     name: str | None = None
@@ -114,10 +138,16 @@ class RecipeConfig(StrictModel):
     classification: ClassificationConfig | None = None
     icd_coding: IcdCodingConfig | None = None
     ner: NerConfig | None = None
+    retrieval: RetrievalConfig | None = None
 
     @model_validator(mode="after")
     def _sections_match_task(self) -> RecipeConfig:
-        sections = {"classification": "note_classification", "icd_coding": "icd_coding", "ner": "ner"}
+        sections = {
+            "classification": "note_classification",
+            "icd_coding": "icd_coding",
+            "ner": "ner",
+            "retrieval": "retrieval",
+        }
         for section, task in sections.items():
             if getattr(self, section) is not None and self.task != task:
                 raise ValueError(f"section `{section}` is for task {task}, but this recipe's task is {self.task}")
@@ -127,6 +157,8 @@ class RecipeConfig(StrictModel):
             self.icd_coding = IcdCodingConfig()
         if self.task == "ner" and self.ner is None:
             self.ner = NerConfig()
+        if self.task == "retrieval" and self.retrieval is None:
+            self.retrieval = RetrievalConfig()
         if self.task == "ner" and self.ner.stride >= self.training.max_length - 2:
             raise ValueError("ner.stride must be smaller than training.max_length - 2")
         if self.task == "icd_coding" and self.training.max_length > 8192:

@@ -114,6 +114,10 @@ def _steps(recipe: RecipeConfig, n_train: int) -> int:
 
 def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -> Path:
     """Train in `work` (the `.partial` folder) and rename it to `final` when everything is written."""
+    if recipe.task == "retrieval":  # sentence-transformers' own trainer and losses
+        from cmft.finetuning.retrieval_engine import run_retrieval
+
+        return run_retrieval(recipe, final, work, resume)
     dump_config(recipe, work / "recipe.yaml")
     set_threads(recipe.training.threads)
     set_seed(recipe.seed)

@@ -40,6 +40,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | No
                           str(run_dir / "recipe.yaml"))  # fmt: skip
     if getattr(recipe.data, split) is None:
         raise CmftError(f"{run_dir}: the recipe has no {split} split; pass --data PATH")
+    if recipe.task == "retrieval":
+        from cmft.data.retrieval import read_retrieval_split
+        from cmft.tasks import retrieval
+
+        data_split = read_retrieval_split(recipe.data, split, recipe.retrieval)
+        model = retrieval.load_model(model_dir)
+        metrics = retrieval.evaluate_split(model, data_split, recipe.retrieval.top_k, recipe.training.eval_batch_size)
+        return {**metrics, "split": split}
     task = get_task(recipe)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = task.load_model(model_dir)

@@ -13,6 +13,14 @@ def validate_recipe(recipe: str, overrides: list[str]) -> str:
 
     encoder = resolve_encoder(config.model.encoder)
     tokenizer = load_tokenizer(encoder, config.model.trust_remote_code)
+    if config.task == "retrieval":
+        from cmft.finetuning.retrieval_engine import read_splits
+
+        splits = read_splits(config)
+        sizes = ", ".join(
+            f"{n} {len(s.evaluated_queries)} queries / {len(s.corpus)} documents" for n, s in splits.items()
+        )
+        return f"ok: retrieval recipe; encoder {encoder}; {sizes}"
     task = get_task(config)
     task.prepare(tokenizer)
     from transformers import AutoConfig

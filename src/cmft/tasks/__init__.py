@@ -21,4 +21,4 @@ def get_task(recipe: Any):
         return NerTask(recipe)
     from cmft.errors import CmftError
 
-    raise CmftError(f"task {recipe.task!r}: not available yet (its recipe arrives in a later release)")
+    raise CmftError(f"task {recipe.task!r}: has no token-level task object (retrieval trains in sentence-transformers)")

