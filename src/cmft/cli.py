@@ -49,11 +49,6 @@ def _setup_logging() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _not_available(command: str, issue: str) -> None:
-    typer.echo(f"error: `cmft {command}` is not available yet ({issue}).", err=True)
-    raise typer.Exit(2)
-
-
 @app.command()
 def pretrain(
     config: Annotated[
@@ -110,24 +105,56 @@ def evaluate(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder or an export folder.")],
-    input: Annotated[Path, typer.Argument(help="Input texts: jsonl or text file.")],
+    source: Annotated[Path, typer.Argument(help="A fine-tuning run folder or an export folder.")],
+    input: Annotated[Path, typer.Argument(help="Input texts: .jsonl with a `text` field (and `id`), or one per line.")],
     output: Annotated[Path | None, typer.Option(help="Output JSONL (default: stdout).")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Run the exported ONNX model.")] = False,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Run the ONNX export (a run folder: export/<run name>).")
+    ] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="With --onnx: the int8 model.")] = False,
+    corpus: Annotated[Path | None, typer.Option(help="Retrieval: search this corpus (jsonl or text lines).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Retrieval: hits per query with --corpus.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per batch (length-sorted).")] = 16,
+    text_field: Annotated[str, typer.Option("--text-field", help="The jsonl field holding the text.")] = "text",
 ) -> None:
-    """Batch inference to JSONL."""
-    _not_available("predict", "it arrives with the fine-tuning heads")
+    """Batch inference to JSONL: labels with scores, entities with character offsets, ICD codes with
+    probabilities, embeddings or top-k hits."""
+    from cmft.predict import predict as run_predict
+
+    summary = run_predict(source, input, output, onnx=onnx, batch_size=batch_size, corpus=corpus, top_k=top_k,
+                          int8=int8, text_field=text_field)  # fmt: skip
+    notes = [f"{summary['n_inputs']} texts", f"{summary['backend']} ({summary['provider']})"]
+    for key, label in (("n_truncated", "truncated to the model's limit"), ("n_windowed", "split into windows"),
+                       ("n_empty_skipped", "empty, skipped")):  # fmt: skip
+        if summary.get(key):
+            notes.append(f"{summary[key]} {label}")
+    typer.echo("predict: " + ", ".join(notes) + (f" → {output}" if output else ""), err=True)
 
 
 @app.command()
 def export(
     run_dir: Annotated[Path | None, typer.Argument(help="Run folder (default: runs/finetune/latest).")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX.")] = False,
-    quantize: Annotated[str | None, typer.Option(help="Also write an int8 model (int8).")] = None,
-    output_dir: OutputDir = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the only format).")] = False,
+    quantize: Annotated[str | None, typer.Option(help="Also write an int8 model: int8.")] = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Default: export/<run name>.")] = None,
+    overrides: Overrides = None,
 ) -> None:
-    """Export a run to ONNX, parity-checked against PyTorch."""
-    _not_available("export", "ONNX export arrives after the fine-tuning heads")
+    """Export a run to ONNX (every head; a pretrain run: the encoder), parity-checked against PyTorch."""
+    if not onnx:
+        raise CmftError("cmft export needs --onnx (the only export format)")
+    from cmft.export import export_run
+
+    folder, report = export_run(run_dir, output_dir, quantize, list(overrides or []))
+    typer.echo(
+        f"exported {report['task']} to {folder}: max |onnx - torch| {report['max_abs_diff']:.2e} over lengths "
+        f"{', '.join(report['per_length'])} ({report['provider']})"
+    )
+    if "int8" in report and "metric" in report["int8"]:
+        q = report["int8"]
+        typer.echo(
+            f"int8: dev {q['metric']} {q['fp32']:.4f} → {q['int8']:.4f}; "
+            f"{q['size_mb_fp32']} MB → {q['size_mb_int8']} MB"
+        )
 
 
 @app.command()

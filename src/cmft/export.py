@@ -1,0 +1,227 @@
+"""`cmft export --onnx`: one self-contained folder per run, parity-checked against PyTorch, optional int8.
+
+The graph is `torch.onnx.export` of the run's inference module (cmft.inference) traced with sdpa on CPU (never
+flash-attention), with dynamic batch and sequence axes. The folder holds model.onnx (+ model.int8.onnx), the
+tokenizer, cmft_export.json (task, labels, ICD threshold, pooling, max_length), README.md and parity.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from cmft.config import StrictModel, load_config
+from cmft.errors import CmftError
+from cmft.inference import MANIFEST, Loaded, Unit, load_run
+from cmft.paths import resolve_bundled
+from cmft.predict import OnnxBackend, TorchBackend
+
+OUTPUTS = {"note_classification": "logits", "ner": "logits", "icd_coding": "probabilities",
+           "retrieval": "embeddings", "encoder": "last_hidden_state"}  # fmt: skip
+PRIMARY_METRIC = {"note_classification": "macro_f1", "icd_coding": "micro_f1", "ner": "f1", "retrieval": "ndcg@10"}
+
+
+class ParityError(CmftError):
+    """The exported graph disagrees with PyTorch beyond the tolerance: exit status 1 (a failure, not bad input)."""
+
+    exit_code = 1
+
+
+class ExportConfig(StrictModel):
+    opset: int = Field(18, ge=14, le=21)
+    trace_length: PositiveInt = 64
+    check_lengths: list[PositiveInt] = [17, 96, 200, 700]
+    check_batch: PositiveInt = 3
+    tolerance: PositiveFloat = 1e-4
+    check_model: bool = True
+
+
+README = """# ONNX export of a cmft {task} model
+
+Made by `cmft export` from `{run}`. Files: `model.onnx`{int8}, the tokenizer (`tokenizer.json`),
+`{manifest}` (task, labels, threshold, pooling, max_length) and `parity.json` (the check against PyTorch).
+
+Inputs: `input_ids` and `attention_mask`, int64, shape [batch, sequence]{chunked}. Output `{output}`: {meaning}.
+
+```python
+import json, numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+
+tokenizer = Tokenizer.from_file("tokenizer.json")
+session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+ids = tokenizer.encode("Patient reports chest pain.").ids[:{max_length}]
+feed = {{"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}}
+{output} = session.run(None, feed)[0]
+meta = json.load(open("{manifest}"))
+```
+
+Or with cmft, which batches, windows long texts and decodes: `cmft predict {folder} input.jsonl --onnx`.
+"""
+
+MEANINGS = {
+    "note_classification": "[batch, labels] logits; softmax gives the class probabilities (labels in the manifest)",
+    "ner": "[batch, sequence, tags] logits per token; a word's tag is argmax at its first sub-token",
+    "icd_coding": "[batch, codes] probabilities (label-wise attention included); codes at or above the "
+    "manifest's `threshold` are predicted",
+    "retrieval": "[batch, dim] L2-normalised embeddings (the dot product is the cosine similarity)",
+    "encoder": "[batch, sequence, hidden] the encoder's last hidden state",
+}
+
+
+def load_export_config(overrides: list[str] | None = None) -> ExportConfig:
+    path = resolve_bundled("export/onnx.yaml")
+    if not path.is_file():
+        return ExportConfig()
+    return load_config(ExportConfig, path, overrides)
+
+
+def export_run(run_dir: str | Path | None = None, output_dir: str | Path | None = None, quantize: str | None = None,
+               overrides: list[str] | None = None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    """Export, check parity (and int8), and return (folder, parity report). Parity failure: ParityError (exit 1),
+    with the folder kept and marked FAILED for inspection."""
+    if quantize not in (None, "int8"):
+        raise CmftError(f"--quantize {quantize}: only int8 is supported")
+    config = load_export_config(overrides)
+    run_dir = Path(run_dir or "runs/finetune/latest")
+    loaded = load_run(run_dir)
+    final = Path(output_dir) if output_dir else Path("export") / run_dir.resolve().name
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.mkdir(parents=True)
+    except OSError as exc:
+        raise CmftError(f"--output-dir: {final}: cannot create it ({exc.strerror})") from None
+    try:
+        report = _export_into(loaded, work, config, quantize, run_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    work.rename(final)
+    if not report["passed"]:
+        (final / "FAILED").write_text("parity check failed: see parity.json\n", encoding="utf-8")
+        raise ParityError(
+            f"{final}: ONNX output differs from PyTorch by {report['max_abs_diff']:.2e} "
+            f"(tolerance {report['tolerance']:.0e}); the folder is marked FAILED"
+        )
+    return final, report
+
+
+def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str | None, run_dir: Path) -> dict:
+    task = loaded.task
+    model_path = work / "model.onnx"
+    started = time.monotonic()
+    _trace(loaded, model_path, config)
+    if config.check_model:
+        import onnx
+
+        onnx.checker.check_model(str(model_path))
+    loaded.tokenizer.save_pretrained(work)
+    meta = {**loaded.meta, "output": OUTPUTS[task], "opset": config.opset, "source_run": str(run_dir.resolve())}
+    (work / MANIFEST).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    backend = OnnxBackend(model_path)
+    report: dict[str, Any] = {"task": task, "provider": backend.provider, "tolerance": config.tolerance,
+                              "export_seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+    per_length = _parity(loaded, backend, config)
+    report |= {"max_abs_diff": max(per_length.values()), "per_length": per_length}
+    report["passed"] = report["max_abs_diff"] <= config.tolerance
+    if quantize == "int8":
+        report["int8"] = _quantize(loaded, work, config, run_dir, backend)
+    (work / "parity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    chunked = task == "icd_coding" and meta["icd"]["mode"] == "chunked"
+    (work / "README.md").write_text(README.format(
+        task=task, run=run_dir.name, int8=" and `model.int8.onnx`" if quantize else "", manifest=MANIFEST,
+        chunked=" ([batch, chunks, chunk_size] for chunked ICD notes)" if chunked else "", output=OUTPUTS[task],
+        meaning=MEANINGS[task], max_length=meta["max_length"], folder=work.name.removesuffix(".partial"),
+    ), encoding="utf-8")  # fmt: skip
+    return report
+
+
+def _sample(loaded: Loaded, length: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random real-vocabulary ids between [CLS] and [SEP]; row r keeps about length/(r+1) tokens (padding)."""
+    tokenizer, meta = loaded.tokenizer, loaded.meta
+    generator = np.random.default_rng(seed)
+    special = set(tokenizer.all_special_ids)
+    vocabulary = np.array([i for i in range(len(tokenizer)) if i not in special])
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for row in range(batch):
+        size = max(3, length // (row + 1))
+        rows.append([cls_id, *generator.choice(vocabulary, size - 2).tolist(), sep_id])
+    if task_is_chunked(meta):
+        chunk = meta["icd"]["chunk_size"]
+        units = [Unit(i, [r[s : s + chunk] for s in range(0, len(r), chunk)]) for i, r in enumerate(rows)]
+    else:
+        units = [Unit(i, r) for i, r in enumerate(rows)]
+    from cmft.inference import collate
+
+    return collate(units, tokenizer.pad_token_id or 0, meta)
+
+
+def task_is_chunked(meta: dict) -> bool:
+    return meta.get("task") == "icd_coding" and meta["icd"]["mode"] == "chunked"
+
+
+def _trace(loaded: Loaded, path: Path, config: ExportConfig) -> None:
+    ids, mask = _sample(loaded, config.trace_length, 2, seed=0)
+    axes = {0: "batch", 1: "chunks", 2: "sequence"} if ids.ndim == 3 else {0: "batch", 1: "sequence"}
+    output_axes = {0: "batch", 1: "sequence"} if loaded.task in ("ner", "encoder") else {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            loaded.module, (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
+            input_names=["input_ids", "attention_mask"], output_names=[OUTPUTS[loaded.task]],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, OUTPUTS[loaded.task]: output_axes},
+            opset_version=config.opset, dynamo=False,
+        )  # fmt: skip
+
+
+def _parity(loaded: Loaded, backend: OnnxBackend, config: ExportConfig) -> dict[str, float]:
+    """Worst |onnx − torch| per checked length, over real (unpadded) positions for token outputs."""
+    torch_backend = TorchBackend(loaded.module)
+    result = {}
+    for length in config.check_lengths:
+        ids, mask = _sample(loaded, length, config.check_batch, seed=length)
+        expected, got = torch_backend(ids, mask), backend(ids, mask)
+        difference = np.abs(expected.astype(np.float64) - got.astype(np.float64))
+        if loaded.task in ("ner", "encoder"):
+            difference = difference[mask.astype(bool)]
+        result[str(length)] = float(difference.max())
+    return result
+
+
+def _quantize(loaded: Loaded, work: Path, config: ExportConfig, run_dir: Path, fp32: OnnxBackend) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = work / "model.int8.onnx"
+    root = logging.getLogger()
+    level, root.level = root.level, logging.WARNING  # the quantizer logs every node it skips at INFO
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(work / "model.onnx"), str(path), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    int8 = OnnxBackend(path)
+    report: dict[str, Any] = {"size_mb_fp32": round((work / "model.onnx").stat().st_size / 2**20, 2),
+                              "size_mb_int8": round(path.stat().st_size / 2**20, 2)}  # fmt: skip
+    ids, mask = _sample(loaded, max(config.check_lengths), config.check_batch, seed=1)
+    report["max_abs_diff_vs_fp32"] = float(np.abs(fp32(ids, mask) - int8(ids, mask)).max())
+    if loaded.task in PRIMARY_METRIC and loaded.recipe is not None and loaded.recipe.data.dev is not None:
+        from cmft.backend_metrics import split_metrics
+
+        metric = PRIMARY_METRIC[loaded.task]
+        before, after = split_metrics(loaded, fp32, "dev")[metric], split_metrics(loaded, int8, "dev")[metric]
+        report |= {"metric": metric, "split": "dev", "fp32": before, "int8": after, "loss": before - after}
+    return report

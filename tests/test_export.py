@@ -1,0 +1,220 @@
+"""`cmft export --onnx` and `cmft predict`: every head exports with parity, torch and ONNX predictions agree on the
+bundled test splits, int8 records its metric cost, and bad input gives one line and exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmft.backend_metrics import split_metrics
+from cmft.export import export_run
+from cmft.finetuning.run import finetune
+from cmft.inference import load_export, load_run, ner_entities
+from cmft.predict import OnnxBackend, TorchBackend, predict_texts
+from cmft.tasks.ner import read_conll
+from tests.conftest import REPO, run_cmft
+
+QUICK = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.threads=2"]
+RUNS = {
+    "note_classification": ["note_classification"],
+    "ner": ["ner"],
+    "icd_coding": ["icd_coding", "icd_coding.attention_dim=32"],
+    "icd_chunked": [
+        "icd_coding",
+        "icd_coding.mode=chunked",
+        "icd_coding.chunk_size=128",
+        "icd_coding.max_chunks=3",
+        "training.max_length=384",
+        "icd_coding.attention_dim=32",
+    ],  # fmt: skip
+    "retrieval": ["retrieval"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_encoder, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("heads")
+    return {name: finetune(recipe, [f"model.encoder={tiny_encoder}", *QUICK, *extra], output_dir=root / name)
+            for name, (recipe, *extra) in RUNS.items()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exports(runs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("exports")
+    return {name: export_run(run, root / name)[0] for name, run in runs.items()}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_every_head_exports_with_parity(exports, name):
+    folder = exports[name]
+    for file in ("model.onnx", "tokenizer.json", "cmft_export.json", "README.md", "parity.json"):
+        assert (folder / file).is_file(), file
+    parity = json.loads((folder / "parity.json").read_text())
+    # lengths: beyond the traced 64, beyond the 128-token local window; batches of 3 rows with padding
+    assert list(parity["per_length"]) == ["17", "96", "200", "700"]
+    assert parity["passed"] and parity["max_abs_diff"] == max(parity["per_length"].values()) <= 1e-4
+    assert parity["tolerance"] == 1e-4 and parity["provider"] == "CPUExecutionProvider"
+    assert not list(folder.parent.glob("*.partial")) and not (folder / "FAILED").exists()
+    manifest = json.loads((folder / "cmft_export.json").read_text())
+    assert manifest["task"] == RUNS[name][0]
+    if manifest["task"] == "icd_coding":
+        assert 0 < manifest["threshold"] < 1 and manifest["labels"]
+
+
+def test_pretrain_run_exports_the_encoder(tiny_encoder, tmp_path):
+    folder, report = export_run(tiny_encoder.parent, tmp_path / "encoder")
+    assert report["task"] == "encoder" and report["passed"]
+    assert json.loads((folder / "cmft_export.json").read_text())["output"] == "last_hidden_state"
+
+
+def _test_texts(task: str) -> list[str]:
+    """The bundled test split of each recipe, as the raw texts a user would send."""
+    if task == "note_classification":
+        with open(REPO / "data/mts_dialog/test1.csv", encoding="utf-8", newline="") as handle:
+            return [row["section_text"] for row in csv.DictReader(handle)]
+    if task == "retrieval":
+        with open(REPO / "data/mts_dialog/test1.csv", encoding="utf-8", newline="") as handle:
+            return [row["dialogue"] for row in csv.DictReader(handle)]
+    if task == "ner":
+        sentences, _ = read_conll(REPO / "data/ncbi_disease/test.tsv")
+        return [" ".join(words) for words, _ in sentences]
+    with open(REPO / "data/codiesp/test.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle]
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_torch_and_onnx_predictions_agree_on_the_test_split(runs, exports, name):
+    run, folder = load_run(runs[name]), load_export(exports[name])
+    texts = _test_texts(run.task)
+    torch_results, torch_counts = predict_texts(run, TorchBackend(run.module), texts, batch_size=16)
+    onnx_results, onnx_counts = predict_texts(folder, OnnxBackend(exports[name] / "model.onnx"), texts, 16)
+    assert torch_counts == onnx_counts
+    key = {"note_classification": "label", "ner": "entities", "icd_coding": "codes", "retrieval": "embedding"}[run.task]
+    if run.task == "icd_coding":
+        assert [[c["code"] for c in r["codes"]] for r in torch_results] == [
+            [c["code"] for c in r["codes"]] for r in onnx_results
+        ]
+        assert sum(len(r["codes"]) for r in torch_results) > 0
+    elif run.task == "retrieval":
+        a = np.array([r[key] for r in torch_results])
+        b = np.array([r[key] for r in onnx_results])
+        assert np.abs(a - b).max() < 1e-4
+    else:
+        assert [r[key] for r in torch_results] == [r[key] for r in onnx_results]
+    if run.task != "ner":  # the metric computed through each back end agrees as well
+        torch_metrics = split_metrics(run, TorchBackend(run.module), "test")
+        onnx_metrics = split_metrics(run, OnnxBackend(exports[name] / "model.onnx"), "test")
+        metric = {"note_classification": "macro_f1", "icd_coding": "micro_f1", "retrieval": "ndcg@10"}[run.task]
+        assert torch_metrics[metric] == pytest.approx(onnx_metrics[metric], abs=1e-3)
+
+
+def test_metrics_through_torch_backend_match_metrics_json(runs):
+    run = load_run(runs["note_classification"])
+    metrics = json.loads((runs["note_classification"] / "metrics.json").read_text())
+    assert split_metrics(run, TorchBackend(run.module), "test")["macro_f1"] == pytest.approx(metrics["macro_f1"])
+
+
+def test_ner_entities_carry_character_offsets(runs):
+    run = load_run(runs["ner"])
+    text = "Germline mutations of  BRCA1 cause breast cancer ."
+    from cmft.inference import encode_texts
+
+    units, _ = encode_texts(run, [text])
+    labels = run.meta["labels"]
+    outputs = []
+    for unit in units:  # fake logits: B-Disease on "breast", I-Disease on "cancer", O elsewhere
+        logits = np.zeros((len(unit.input_ids), len(labels)), dtype=np.float32)
+        logits[:, labels.index("O")] = 1.0
+        for position, word in enumerate(unit.window["word"]):
+            if word == 5:
+                logits[position, labels.index("B-Disease")] = 5.0
+            if word == 6:
+                logits[position, labels.index("I-Disease")] = 5.0
+        outputs.append(logits)
+    entities = ner_entities(run, text, outputs, units)
+    assert entities == [{"start": 35, "end": 48, "label": "Disease", "text": "breast cancer"}]
+
+
+def test_long_ner_text_is_windowed_not_truncated(runs):
+    run = load_run(runs["ner"])
+    text = " ".join(["autosomal dominant polycystic kidney disease ."] * 60)
+    results, counts = predict_texts(run, TorchBackend(run.module), [text])
+    assert counts["n_windowed"] == 1 and counts["n_truncated"] == 0
+    assert all(text[e["start"] : e["end"]] == e["text"] for e in results[0]["entities"])
+
+
+def test_int8_export_records_the_dev_metric_cost(runs, tmp_path):
+    folder, report = export_run(runs["note_classification"], tmp_path / "q", quantize="int8")
+    q = report["int8"]
+    assert (folder / "model.int8.onnx").is_file() and q["size_mb_int8"] < q["size_mb_fp32"] / 2
+    assert q["metric"] == "macro_f1" and q["split"] == "dev" and q["loss"] == pytest.approx(q["fp32"] - q["int8"])
+    assert json.loads((folder / "parity.json").read_text())["int8"] == q
+    out = tmp_path / "pred.jsonl"
+    texts = tmp_path / "in.txt"
+    texts.write_text("Chest pain for two days.\n\nNo known drug allergies.\n", encoding="utf-8")
+    result = run_cmft("predict", str(folder), str(texts), "--onnx", "--int8", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["1", "3"] and "1 empty, skipped" in result.stderr
+
+
+def test_parity_failure_exits_1_and_marks_the_folder(runs, tmp_path):
+    result = run_cmft("export", str(runs["note_classification"]), "--onnx", "--output-dir", str(tmp_path / "x"),
+                      "tolerance=1e-15")  # fmt: skip
+    assert result.returncode == 1 and "differs from PyTorch" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "x" / "FAILED").is_file()
+    assert json.loads((tmp_path / "x" / "parity.json").read_text())["passed"] is False
+    texts = tmp_path / "in.txt"
+    texts.write_text("Chest pain.\n", encoding="utf-8")
+    again = run_cmft("predict", str(tmp_path / "x"), str(texts))
+    assert again.returncode == 2 and "failed its parity check" in again.stderr
+
+
+def test_predict_cli_writes_jsonl_in_input_order(runs, tmp_path):
+    inputs = tmp_path / "notes.jsonl"
+    rows = [{"id": "a", "text": "Hypertension and type 2 diabetes. " * 40}, {"id": "b", "text": "None."}]
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = run_cmft("predict", str(runs["note_classification"]), str(inputs))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["id"] for line in lines] == ["a", "b"] and all(0 < line["score"] <= 1 for line in lines)
+    assert "1 truncated" in result.stderr  # 400 words > 128 tokens: truncated, and said so
+
+
+def test_bad_inputs_exit_2(runs, exports, tmp_path):
+    good = tmp_path / "in.txt"
+    good.write_text("Chest pain.\n", encoding="utf-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{not json\n', encoding="utf-8")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(exports["note_classification"], truncated)
+    onnx = truncated / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 3])
+    no_model = tmp_path / "no_model"
+    no_model.mkdir()
+    nc = str(runs["note_classification"])
+    cases = [
+        (["predict", str(no_model), str(good)], "no model/"),
+        (["predict", nc, str(empty)], "no non-empty input text"),
+        (["predict", nc, str(broken)], "line 2 is not valid JSON"),
+        (["predict", nc, str(tmp_path / "missing.jsonl")], "input file not found"),
+        (["predict", str(truncated), str(good)], "not a loadable ONNX model"),
+        (["predict", nc, str(good), "--corpus", str(good)], "searching needs a retrieval model"),
+        (["predict", nc, str(good), "--onnx"], "no ONNX export"),
+        (["export", nc], "needs --onnx"),
+        (["export", nc, "--onnx", "--quantize", "int4"], "only int8"),
+        (["export", str(no_model), "--onnx"], "no model/"),
+        (["export", nc, "--onnx", "opset=3"], "opset"),
+    ]
+    for args, message in cases:
+        result = run_cmft(*args)
+        assert result.returncode == 2, (args, result.stderr[-500:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-500:])
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
