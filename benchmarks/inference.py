@@ -74,7 +74,8 @@ def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> di
         }
     q = report["int8"]
     result |= {"metric": q.get("metric"), "dev_fp32": q.get("fp32"), "dev_int8": q.get("int8"),
-               "int8_metric_loss": q.get("loss"), "size_mb_fp32": q["size_mb_fp32"], "size_mb_int8": q["size_mb_int8"]}  # fmt: skip
+               "int8_metric_loss": q.get("loss"), "size_mb_fp32": q["size_mb_fp32"],
+               "size_mb_int8": q["size_mb_int8"]}  # fmt: skip
     return result
 
 

@@ -91,3 +91,20 @@ def tiny_encoder(tmp_path_factory) -> Path:
     data["training"]["max_steps"] = 4
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
     return pretrain(config, output_dir=root / "run") / "model"
+
+
+def run_inline(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI's real entry point in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    from cmft.cli import main
+
+    saved = sys.argv
+    sys.argv = ["cmft", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -17,7 +17,7 @@ from cmft.finetuning.run import finetune
 from cmft.inference import load_export, load_run, ner_entities
 from cmft.predict import OnnxBackend, TorchBackend, predict_texts
 from cmft.tasks.ner import read_conll
-from tests.conftest import REPO, run_cmft
+from tests.conftest import REPO, run_cmft, run_inline
 
 QUICK = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.threads=2"]
 RUNS = {
@@ -148,7 +148,7 @@ def test_long_ner_text_is_windowed_not_truncated(runs):
     assert all(text[e["start"] : e["end"]] == e["text"] for e in results[0]["entities"])
 
 
-def test_int8_export_records_the_dev_metric_cost(runs, tmp_path):
+def test_int8_export_records_the_dev_metric_cost(runs, tmp_path, capsys):
     folder, report = export_run(runs["note_classification"], tmp_path / "q", quantize="int8")
     q = report["int8"]
     assert (folder / "model.int8.onnx").is_file() and q["size_mb_int8"] < q["size_mb_fp32"] / 2
@@ -157,13 +157,13 @@ def test_int8_export_records_the_dev_metric_cost(runs, tmp_path):
     out = tmp_path / "pred.jsonl"
     texts = tmp_path / "in.txt"
     texts.write_text("Chest pain for two days.\n\nNo known drug allergies.\n", encoding="utf-8")
-    result = run_cmft("predict", str(folder), str(texts), "--onnx", "--int8", "--output", str(out))
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = run_inline(capsys, "predict", str(folder), str(texts), "--onnx", "--int8", "--output", str(out))
+    assert code == 0, stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [line["id"] for line in lines] == ["1", "3"] and "1 empty, skipped" in result.stderr
+    assert [line["id"] for line in lines] == ["1", "3"] and "1 empty, skipped" in stderr
 
 
-def test_parity_failure_exits_1_and_marks_the_folder(runs, tmp_path):
+def test_parity_failure_exits_1_and_marks_the_folder(runs, tmp_path, capsys):
     result = run_cmft("export", str(runs["note_classification"]), "--onnx", "--output-dir", str(tmp_path / "x"),
                       "tolerance=1e-15")  # fmt: skip
     assert result.returncode == 1 and "differs from PyTorch" in result.stderr and "Traceback" not in result.stderr
@@ -171,22 +171,22 @@ def test_parity_failure_exits_1_and_marks_the_folder(runs, tmp_path):
     assert json.loads((tmp_path / "x" / "parity.json").read_text())["passed"] is False
     texts = tmp_path / "in.txt"
     texts.write_text("Chest pain.\n", encoding="utf-8")
-    again = run_cmft("predict", str(tmp_path / "x"), str(texts))
-    assert again.returncode == 2 and "failed its parity check" in again.stderr
+    code, _, stderr = run_inline(capsys, "predict", str(tmp_path / "x"), str(texts))
+    assert code == 2 and "failed its parity check" in stderr
 
 
-def test_predict_cli_writes_jsonl_in_input_order(runs, tmp_path):
+def test_predict_cli_writes_jsonl_in_input_order(runs, tmp_path, capsys):
     inputs = tmp_path / "notes.jsonl"
     rows = [{"id": "a", "text": "Hypertension and type 2 diabetes. " * 40}, {"id": "b", "text": "None."}]
     inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    result = run_cmft("predict", str(runs["note_classification"]), str(inputs))
-    assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    code, stdout, stderr = run_inline(capsys, "predict", str(runs["note_classification"]), str(inputs))
+    assert code == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
     assert [line["id"] for line in lines] == ["a", "b"] and all(0 < line["score"] <= 1 for line in lines)
-    assert "1 truncated" in result.stderr  # 400 words > 128 tokens: truncated, and said so
+    assert "1 truncated" in stderr  # 400 words > 128 tokens: truncated, and said so
 
 
-def test_bad_inputs_exit_2(runs, exports, tmp_path):
+def test_bad_inputs_exit_2(runs, exports, tmp_path, capsys):
     good = tmp_path / "in.txt"
     good.write_text("Chest pain.\n", encoding="utf-8")
     empty = tmp_path / "empty.jsonl"
@@ -214,7 +214,15 @@ def test_bad_inputs_exit_2(runs, exports, tmp_path):
         (["export", nc, "--onnx", "opset=3"], "opset"),
     ]
     for args, message in cases:
-        result = run_cmft(*args)
-        assert result.returncode == 2, (args, result.stderr[-500:])
-        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-500:])
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        code, _, stderr = run_inline(capsys, *args)
+        assert code == 2, (args, stderr[-500:])
+        assert message in stderr and "Traceback" not in stderr, (args, stderr[-500:])
+        assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_evaluate_reproduces_ner_metrics(runs):
+    """Token logits from batches of different widths (the bug: `cmft evaluate` on NER crashed)."""
+    from cmft.finetuning.evaluate import evaluate_run
+
+    metrics = json.loads((runs["ner"] / "metrics.json").read_text())
+    assert evaluate_run(runs["ner"], "test")["f1"] == pytest.approx(metrics["f1"])

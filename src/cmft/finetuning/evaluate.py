@@ -24,6 +24,10 @@ def predict_logits(model: torch.nn.Module, rows: list[dict], collate, batch_size
         result = model(**batch)
         logits = result["logits"] if isinstance(result, dict) else result.logits
         outputs.append(logits.float().numpy())
+    if outputs[0].ndim == 3:  # token logits (NER): batches differ in length; pad to the widest
+        width = max(o.shape[1] for o in outputs)
+        outputs = [np.pad(o, ((0, 0), (0, width - o.shape[1]), (0, 0))) for o in outputs]
+        labels = [np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-100) for x in labels]
     return np.concatenate(outputs), np.concatenate(labels)
 
 
