@@ -65,7 +65,7 @@ def note_classification(encoder: str, out: Path, epochs: float, max_length: int,
     predictions = trainer.predict(encode(test))
     predicted = np.asarray(predictions.predictions).argmax(-1)
     gold = np.array([index[r["section_header"]] for r in test])
-    return {**classification_metrics(gold, predicted, labels), "train_seconds": round(seconds, 1)}
+    return {**classification_metrics(gold, predicted, len(labels)), "train_seconds": round(seconds, 1)}
 
 
 def ner(encoder: str, out: Path, epochs: float, max_length: int, seed: int, max_steps: int | None = None) -> dict:
