@@ -198,12 +198,12 @@ def test_hub_id_fails_offline_with_a_clear_message(small_config, tmp_path, monke
     assert "answerdotai/ModernBERT-base" in line and "local model folder" in line
 
 
-def test_cli_lists_commands_and_refuses_unbuilt_ones():
+def test_cli_lists_commands_and_export_needs_a_run(tmp_path):
     help_text = run_cmft("--help").stdout
     for command in ("pretrain", "finetune", "evaluate", "predict", "export", "recipes", "validate"):
         assert command in help_text
-    result = run_cmft("export", "--onnx")
-    assert result.returncode == 2 and "not available yet" in result.stderr
+    result = run_cmft("export", "--onnx", cwd=tmp_path)  # default runs/finetune/latest: none here
+    assert result.returncode == 2 and "runs/finetune/latest: no such run or export folder" in result.stderr
 
 
 def test_default_config_path_resolves(tmp_path):
