@@ -112,8 +112,11 @@ def run_kind(run_dir: Path) -> str:
     return "pretrain"
 
 
-def load_run(run_dir: str | Path) -> Loaded:
-    """The torch inference module of a finished fine-tuning or pretraining run, on CPU in eval mode."""
+def load_run(run_dir: str | Path, attention: str = "sdpa") -> Loaded:
+    """The torch inference module of a finished fine-tuning or pretraining run, on CPU in eval mode.
+
+    `attention="eager"` is for tracing to ONNX: the exported sdpa graph guards fully-masked rows with
+    IsNaN/Where over the whole score matrix, which made onnxruntime 1.5× slower on long notes (profiled)."""
     from transformers import AutoModel, AutoTokenizer
 
     run_dir = Path(run_dir)
@@ -126,7 +129,7 @@ def load_run(run_dir: str | Path) -> Loaded:
     except (OSError, ValueError) as exc:
         raise CmftError(f"{model_dir}: the tokenizer does not load ({type(exc).__name__})") from None
     if kind == "pretrain":
-        encoder = _load(AutoModel, model_dir)
+        encoder = _load(AutoModel, model_dir, attention)
         meta = {"task": "encoder", "max_length": int(encoder.config.max_position_embeddings)}
         return Loaded("encoder", tokenizer, meta, EncoderModule(encoder).eval(), run_dir=run_dir)
 
@@ -137,12 +140,12 @@ def load_run(run_dir: str | Path) -> Loaded:
     meta: dict[str, Any] = {"task": recipe.task, "max_length": recipe.training.max_length}
     if recipe.task == "retrieval":
         pooling = recipe.retrieval.pooling
-        module = EmbeddingModule(_load(AutoModel, model_dir), pooling)
+        module = EmbeddingModule(_load(AutoModel, model_dir, attention), pooling)
         meta |= {"pooling": pooling, "normalized": True}
     elif recipe.task == "icd_coding":
         from cmft.tasks.icd_coding import IcdCoder
 
-        coder = _load(IcdCoder, model_dir)
+        coder = _load(IcdCoder, model_dir, attention)
         module = IcdModule(coder)
         meta |= {"labels": coder.settings["labels"], "threshold": coder.settings["threshold"],
                  "icd": coder.settings}  # fmt: skip
@@ -150,7 +153,7 @@ def load_run(run_dir: str | Path) -> Loaded:
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
         auto = AutoModelForTokenClassification if recipe.task == "ner" else AutoModelForSequenceClassification
-        model = _load(auto, model_dir)
+        model = _load(auto, model_dir, attention)
         meta["labels"] = [model.config.id2label[i] for i in range(len(model.config.id2label))]
         if recipe.task == "ner":
             meta["stride"] = recipe.ner.stride
@@ -158,9 +161,9 @@ def load_run(run_dir: str | Path) -> Loaded:
     return Loaded(recipe.task, tokenizer, meta, module.eval(), recipe=recipe, run_dir=run_dir)
 
 
-def _load(cls, model_dir: Path):
+def _load(cls, model_dir: Path, attention: str):
     try:
-        model = cls.from_pretrained(model_dir, attn_implementation="sdpa")
+        model = cls.from_pretrained(model_dir, attn_implementation=attention)
     except TypeError:  # IcdCoder passes kwargs through to AutoModel
         model = cls.from_pretrained(model_dir)
     except (OSError, ValueError, RuntimeError) as exc:
