@@ -7,3 +7,5 @@ class CmftError(Exception):
     """Bad input from the user: a config, a data file, a path. The message says what to do next."""
 
     exit_code = 2
+    keeps_run = False
+    """True when the unfinished run folder must survive the error (e.g. to `--resume` it)."""

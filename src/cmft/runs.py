@@ -100,7 +100,7 @@ def run_or_discard(final: Path, resume: bool, body: Callable[[], Path]) -> Path:
     """Run `body`; on bad input discovered mid-way, leave no half-written new run folder behind."""
     try:
         return body()
-    except CmftError:
-        if not resume:
+    except CmftError as exc:
+        if not resume and not exc.keeps_run:
             discard_run(final)
         raise

@@ -66,6 +66,8 @@ class TrainingConfig(StrictModel):
     early_stopping_patience: PositiveInt | None = None
     log_every: PositiveInt = 10
     save_total_limit: PositiveInt = 2
+    divergence_factor: PositiveFloat | None = 10.0
+    """Stop when the smoothed loss exceeds this many times its lowest (NaN/inf always stops); null: off."""
     bf16: Literal["auto", True, False] = "auto"
     threads: PositiveInt | None = None
 

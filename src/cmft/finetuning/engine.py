@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
 
+from cmft.checkpointing import SafeTrainerMixin, resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
 from cmft.finetuning.config import RecipeConfig
@@ -58,7 +59,7 @@ def load_tokenizer(encoder: str, trust_remote_code: bool):
         raise hub_error(encoder, "model.encoder", exc) from None
 
 
-class FinetuneTrainer(Trainer):
+class FinetuneTrainer(SafeTrainerMixin, Trainer):
     """HF Trainer with the task's loss, a separate learning rate for the head, and tokens/s in the log."""
 
     def __init__(self, *args, task: Any, head_modules: list[str], head_learning_rate: float | None, **kwargs):
@@ -68,6 +69,17 @@ class FinetuneTrainer(Trainer):
         self.head_learning_rate = head_learning_rate
         self.real_tokens = 0
         self.window_start = time.monotonic()
+
+    def cmft_state(self) -> dict[str, Any]:
+        state = super().cmft_state()
+        if hasattr(self.task, "threshold"):
+            state["threshold"] = self.task.threshold  # ICD: the threshold tuned on dev so far
+        return state
+
+    def load_cmft_state(self, state: dict[str, Any]) -> None:
+        super().load_cmft_state(state)
+        if "threshold" in state:
+            self.task.threshold = state["threshold"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and "attention_mask" in inputs:
@@ -135,8 +147,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     if recipe.tuning.method == "lora":
         model = wrap_lora(model, model_type, recipe.tuning, head_modules)
     trainer = _build_trainer(recipe, task, model, tokenizer, head_modules, work)
-    checkpoints = work / "checkpoints"
-    output = trainer.train(resume_from_checkpoint=True if resume and any(checkpoints.glob("checkpoint-*")) else None)
+    output = trainer.train(resume_from_checkpoint=resume_point(work / "checkpoints", resume))
     report: dict[str, Any] = {
         "train_seconds": round(time.monotonic() - started, 1),  # everything up to here: data, model, training
         "train_examples_per_s": round(output.metrics.get("train_samples_per_second", 0.0), 2),
@@ -201,6 +212,7 @@ def _build_trainer(recipe, task, model, tokenizer, head_modules, work: Path) -> 
         compute_metrics=(lambda p: task.metrics(p.predictions, p.label_ids, "dev", tune=True)) if has_dev else None,
     )  # fmt: skip
     quiet_trainer(trainer)
+    trainer.setup_safety(t.divergence_factor)
     return trainer
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback, set_seed
 
+from cmft.checkpointing import SafeTrainerMixin, resume_point
 from cmft.config import dump_config
 from cmft.data.retrieval import RetrievalSplit, read_retrieval_split
 from cmft.errors import CmftError
@@ -65,7 +66,7 @@ def _mine_hard_negatives(model, split: RetrievalSplit, rows: list[dict], recipe:
 def _make_trainer_class():
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 
-    class RetrievalTrainer(SentenceTransformerTrainer):
+    class RetrievalTrainer(SafeTrainerMixin, SentenceTransformerTrainer):
         def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
             pass  # its model card quotes training texts (note text): cmft writes its own card instead
 
@@ -158,8 +159,9 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     trainer = _make_trainer_class()(model=model, args=args, train_dataset=train_dataset, loss=loss,
                                     evaluator=evaluator, callbacks=callbacks)  # fmt: skip
     quiet_trainer(trainer)
+    trainer.setup_safety(t.divergence_factor)
     checkpoints = work / "checkpoints"
-    output = trainer.train(resume_from_checkpoint=True if resume and any(checkpoints.glob("checkpoint-*")) else None)
+    output = trainer.train(resume_from_checkpoint=resume_point(checkpoints, resume))
     report["train_seconds"] = round(time.monotonic() - started, 1)
     report["train_examples_per_s"] = round(output.metrics.get("train_samples_per_second", 0.0), 2)
 

@@ -20,6 +20,7 @@ from transformers import (
     set_seed,
 )
 
+from cmft.checkpointing import resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
 from cmft.modeling import check_model_source, hub_error, resolve_attention
@@ -210,10 +211,9 @@ def _train_stage(
         callbacks=[HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"pretrain {stage}")],
     )
     quiet_trainer(trainer)
-    checkpoint_dir = Path(args.output_dir)
-    has_checkpoint = resume and any(checkpoint_dir.glob("checkpoint-*"))
+    trainer.setup_safety(t.divergence_factor)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    trainer.train(resume_from_checkpoint=resume_point(Path(args.output_dir), resume))
     totals = trainer.totals
     return {
         f"{stage}_steps": max_steps,

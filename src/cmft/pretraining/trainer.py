@@ -7,11 +7,12 @@ import time
 import torch
 from transformers import Trainer
 
+from cmft.checkpointing import SafeTrainerMixin
 from cmft.pretraining.masking import Masker, MaskingStats, scheduled_rate
 from cmft.pretraining.packing import model_inputs
 
 
-class MaskedLMTrainer(Trainer):
+class MaskedLMTrainer(SafeTrainerMixin, Trainer):
     """Masks each micro-batch when the Trainer gathers the batches of one optimizer step.
 
     Doing it here (not in the collator, which the data loader runs one batch ahead) ties the rate to the
@@ -45,6 +46,9 @@ class MaskedLMTrainer(Trainer):
             self.real_tokens += int((batch["document"] >= 0).sum())
             prepared.append(model_inputs(masked, self.attention, local_attention))
         return prepared, self._get_num_items_in_batch(prepared, device)
+
+    def cmft_state(self) -> dict:
+        return super().cmft_state() | {"mask_rate": self.current_rate, "masking_seed": self.masking_seed}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
