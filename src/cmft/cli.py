@@ -144,6 +144,10 @@ def export(
         raise CmftError("cmft export needs --onnx (the only export format)")
     from cmft.export import export_run
 
+    if run_dir is not None and (run_dir / "model" / "config.json").is_file():
+        from cmft.modeling import check_model_folder
+
+        check_model_folder(run_dir / "model", "export")  # before tracing: safetensors only, intact, matching
     folder, report = export_run(run_dir, output_dir, quantize, list(overrides or []))
     typer.echo(
         f"exported {report['task']} to {folder}: max |onnx - torch| {report['max_abs_diff']:.2e} over lengths "

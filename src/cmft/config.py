@@ -105,6 +105,8 @@ def format_validation_error(source: str, model: type[BaseModel], exc: Validation
         if not close and known:
             hint = f"; known keys here: {', '.join(known)}"
         return f"{source}: unknown key {field!r}{hint}"
+    if error["type"] == "missing":
+        return f"{source}: missing required key {field!r}"
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{source}: {field}: {message}" if loc else f"{source}: {message}"
 

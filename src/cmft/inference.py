@@ -162,10 +162,11 @@ def load_run(run_dir: str | Path, attention: str = "sdpa") -> Loaded:
 
 
 def _load(cls, model_dir: Path, attention: str):
+    from cmft.modeling import check_model_folder
+
+    check_model_folder(model_dir, "run")  # safetensors only, intact, tokenizer fits the model
     try:
-        model = cls.from_pretrained(model_dir, attn_implementation=attention)
-    except TypeError:  # IcdCoder passes kwargs through to AutoModel
-        model = cls.from_pretrained(model_dir)
+        model = cls.from_pretrained(model_dir, attn_implementation=attention, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CmftError(f"{model_dir}: the model does not load ({type(exc).__name__}: {str(exc)[:120]})") from None
     return model.float().eval()
@@ -181,7 +182,10 @@ def load_export(export_dir: str | Path) -> Loaded:
         meta = json.loads((export_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         raise CmftError(f"{export_dir}: no readable {MANIFEST}; not a `cmft export` folder") from None
-    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    except (OSError, ValueError) as exc:
+        raise CmftError(f"{export_dir}: the tokenizer does not load ({type(exc).__name__}); export again") from None
     return Loaded(meta["task"], tokenizer, meta)
 
 

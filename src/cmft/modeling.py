@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 from pathlib import Path
@@ -39,6 +40,7 @@ def check_model_source(name: str, field: str = "model.init_from") -> str:
             raise CmftError(f"{field}: {name}: folder not found")
         if not (path.expanduser() / "config.json").is_file():
             raise CmftError(f"{field}: {name}: no config.json there; point at a model folder (e.g. a run's model/)")
+        check_model_folder(path.expanduser(), field)
         return str(path.expanduser())
     if not _in_local_cache(name) and not hub_reachable():
         raise CmftError(
@@ -75,3 +77,70 @@ def hub_error(name: str, field: str, exc: Exception) -> CmftError:
         f"{field}: {name!r} is not a local folder and could not be loaded from the Hugging Face hub "
         f"({type(exc).__name__}); offline, point at a local model folder such as runs/pretrain/latest/model"
     )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt")
+
+
+def check_weights(folder: Path, field: str) -> None:
+    """Weights load only from safetensors: a folder with only pickle weights is refused (unpickling runs code),
+    and a truncated or corrupt .safetensors file is named instead of failing deep inside the loader."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not (folder / "model.safetensors.index.json").is_file():
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES and p.name not in NOT_WEIGHTS)
+        if pickles:
+            raise CmftError(
+                f"{field}: {folder}: only pickle weights ({pickles[0]}), which cmft refuses to load (unpickling can "
+                "run code); save the model with safetensors (save_pretrained(..., safe_serialization=True))"
+            )
+        return
+    for path in files:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # SafetensorError for a truncated or corrupt file
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise CmftError(
+                f"{field}: {path}: corrupt safetensors file ({reason}); copy or save the model again"
+            ) from None
+
+
+def tokenizer_size(folder: Path) -> int | None:
+    """The number of token ids of a folder's tokenizer.json (vocabulary and added tokens), None if unknown."""
+    path = folder / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ids = [token.get("id", -1) for token in data.get("added_tokens") or [] if isinstance(token, dict)]
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        ids.extend(v for v in vocab.values() if isinstance(v, int))
+    elif isinstance(vocab, list):  # unigram: [[piece, score], ...]
+        ids.append(len(vocab) - 1)
+    ids = [i for i in ids if isinstance(i, int)]
+    return max(ids) + 1 if ids else None
+
+
+def check_vocab_fits(folder: Path, field: str) -> None:
+    """A tokenizer with more ids than the model's embedding table gives index errors mid-run: refuse it now."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise CmftError(f"{field}: {folder / 'config.json'}: not a readable JSON model config") from None
+    size = config.get("vocab_size") if isinstance(config, dict) else None
+    tokens = tokenizer_size(folder)
+    if isinstance(size, int) and tokens is not None and tokens > size:
+        raise CmftError(
+            f"{field}: {folder}: the tokenizer has {tokens} token ids but the model's embedding table only {size}; "
+            "the tokenizer and model do not match (use the tokenizer saved with this model)"
+        )
+
+
+def check_model_folder(folder: Path, field: str) -> None:
+    """Safetensors weights that open, and a tokenizer that fits the model: checked in milliseconds, before loading."""
+    check_weights(folder, field)
+    check_vocab_fits(folder, field)

@@ -6,6 +6,7 @@ model's limit are windowed (NER) or truncated (the others), and counted in the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -158,6 +159,9 @@ def open_source(source: str | Path, onnx: bool, int8: bool = False) -> tuple[Loa
     source = Path(source)
     kind = run_kind(source)
     if kind != "export" and not onnx:
+        from cmft.modeling import check_model_folder
+
+        check_model_folder(source / "model", "run")  # safetensors only, intact, tokenizer fits the model
         loaded = load_run(source)
         return loaded, TorchBackend(loaded.module)
     export_dir = source if kind == "export" else Path("export") / source.resolve().name
@@ -224,5 +228,7 @@ def _write(lines: list[str], output: str | Path | None) -> None:
             handle.writelines(line + "\n" for line in lines)
         os.replace(temporary, output)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise CmftError(f"--output: {output}: cannot write ({exc.strerror})") from None
+        with contextlib.suppress(OSError):  # e.g. its parent is a file: nothing was written
+            temporary.unlink(missing_ok=True)
+        reason = "a folder on its path is a file" if isinstance(exc, (FileExistsError, NotADirectoryError)) else None
+        raise CmftError(f"--output: {output}: cannot write ({reason or exc.strerror})") from None

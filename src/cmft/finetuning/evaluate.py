@@ -37,6 +37,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | No
     model_dir = run_dir / "model"
     if not (run_dir / "recipe.yaml").is_file() or not (model_dir / "config.json").is_file():
         raise CmftError(f"{run_dir}: not a finished fine-tuning run (needs recipe.yaml and model/)")
+    from cmft.modeling import check_model_folder
+
+    check_model_folder(model_dir, "evaluate")
     if split not in ("train", "dev", "test"):
         raise CmftError(f"--split {split}: choose train, dev or test")
     overrides = [f"data.{split}={Path(data).resolve()}"] if data is not None else []

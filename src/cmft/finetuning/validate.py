@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from cmft.finetuning.run import load_recipe
+
+log = logging.getLogger("cmft")
 
 
 def validate_recipe(recipe: str, overrides: list[str]) -> str:
@@ -12,6 +16,8 @@ def validate_recipe(recipe: str, overrides: list[str]) -> str:
     from cmft.tasks import get_task
 
     encoder = resolve_encoder(config.model.encoder)
+    if config.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
     tokenizer = load_tokenizer(encoder, config.model.trust_remote_code)
     if config.task == "retrieval":
         from cmft.finetuning.retrieval_engine import read_splits

@@ -89,8 +89,8 @@ def _continued_model(config: PretrainConfig, attention: str) -> tuple[PreTrained
     source = check_model_source(config.model.init_from or "")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForMaskedLM.from_pretrained(source, attn_implementation=attention)
-    except OSError as exc:
+        model = AutoModelForMaskedLM.from_pretrained(source, attn_implementation=attention, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
         if Path(source).is_dir():
             raise CmftError(f"model.init_from: {source}: cannot load model or tokenizer ({exc})") from None
         raise hub_error(source, "model.init_from", exc) from None
@@ -248,6 +248,7 @@ def _long_context(
     setup.model.save_pretrained(staged)
     setup.model = AutoModelForMaskedLM.from_pretrained(
         staged,
+        use_safetensors=True,
         attn_implementation=setup.attention,
         rope_parameters={
             **setup.model.config.rope_parameters,

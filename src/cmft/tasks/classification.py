@@ -77,6 +77,7 @@ class ClassificationTask:
             label2id={label: i for i, label in enumerate(self.labels)},
             attn_implementation=attention,
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
 
     def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
@@ -90,7 +91,7 @@ class ClassificationTask:
 
     # metrics ----------------------------------------------------------------------------------------
     def load_model(self, folder: Path) -> nn.Module:
-        return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        return AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
 
     def saved_labels(self, folder: Path) -> list[str]:
         return saved_labels(folder)

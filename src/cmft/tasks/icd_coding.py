@@ -90,6 +90,7 @@ class IcdCoder(nn.Module):
         if not (folder / HEAD_CONFIG).is_file():
             raise CmftError(f"{folder}: no {HEAD_CONFIG}; not an ICD coding model folder")
         settings = json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8"))
+        kwargs.setdefault("use_safetensors", True)  # weights load only from safetensors, never from pickles
         coder = cls(AutoModel.from_pretrained(folder, **kwargs), settings)
         coder.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
         coder.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -210,7 +211,8 @@ class IcdCodingTask:
         return lambda features: collate_notes(features, tokenizer.pad_token_id, settings)
 
     def build_model(self, encoder: str, attention: str, trust_remote_code: bool) -> nn.Module:
-        base = AutoModel.from_pretrained(encoder, attn_implementation=attention, trust_remote_code=trust_remote_code)
+        base = AutoModel.from_pretrained(encoder, attn_implementation=attention, trust_remote_code=trust_remote_code,
+                                         use_safetensors=True)  # fmt: skip
         coder = IcdCoder(base, self.settings)
         # Sparse labels: a zero bias starts every code at p = 0.5 and barely moves; start at the train prior.
         prior = np.clip(self.label_frequency, 1e-4, 1 - 1e-4)

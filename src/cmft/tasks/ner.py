@@ -192,7 +192,7 @@ class NerTask:
         return AutoModelForTokenClassification.from_pretrained(
             encoder, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
             label2id={t: i for i, t in enumerate(self.labels)}, attn_implementation=attention,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, use_safetensors=True,
         )  # fmt: skip
 
     def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
@@ -203,7 +203,7 @@ class NerTask:
         return head_modules(model)
 
     def load_model(self, folder: Path) -> nn.Module:
-        return AutoModelForTokenClassification.from_pretrained(folder).eval()
+        return AutoModelForTokenClassification.from_pretrained(folder, use_safetensors=True).eval()
 
     def saved_labels(self, folder: Path) -> list[str]:
         return saved_labels(folder)

@@ -37,7 +37,11 @@ def build_model(encoder: str, attention: str, trust_remote_code: bool, pooling: 
 
     transformer = Transformer(
         encoder,
-        model_kwargs={"attn_implementation": attention, "trust_remote_code": trust_remote_code},
+        model_kwargs={
+            "attn_implementation": attention,
+            "trust_remote_code": trust_remote_code,
+            "use_safetensors": True,
+        },
         processor_kwargs={"trust_remote_code": trust_remote_code},
         config_kwargs={"trust_remote_code": trust_remote_code},
         max_seq_length=max_length,
@@ -50,7 +54,8 @@ def build_model(encoder: str, attention: str, trust_remote_code: bool, pooling: 
 def load_model(model_dir: str | Path, device: str | None = None):
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(model_dir), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return SentenceTransformer(str(model_dir), device=device, model_kwargs={"use_safetensors": True})
 
 
 def save_model(model, folder: Path, pooling: str) -> None:
