@@ -1,8 +1,10 @@
 """`cmft export --onnx`: one self-contained folder per run, parity-checked against PyTorch, optional int8.
 
-The graph is `torch.onnx.export` of the run's inference module (cmft.inference) traced with eager attention on
-CPU (never flash-attention; sdpa exports with NaN guards that cost onnxruntime 1.5x on long notes), with dynamic
-batch and sequence axes; parity is checked against the PyTorch sdpa model that `cmft predict` runs. The folder
+The graph is `torch.onnx.export` of the run's inference module (cmft.inference) traced on CPU (never
+flash-attention) with dynamic batch and sequence axes. ModernBERT encoders are traced with cmft's banded attention
+(cmft.onnx_attention: local layers compute only their ±window band, exactly), other encoders with eager attention
+(sdpa exports with NaN guards that cost onnxruntime 1.5x on long notes). Parity is checked against the PyTorch
+sdpa model that `cmft predict` runs. The folder
 holds model.onnx (+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling,
 max_length), README.md and parity.json.
 """
@@ -94,7 +96,8 @@ def export_run(run_dir: str | Path | None = None, output_dir: str | Path | None 
         raise CmftError(f"--quantize {quantize}: only int8 is supported")
     config = load_export_config(overrides)
     run_dir = Path(run_dir or "runs/finetune/latest")
-    loaded = load_run(run_dir, attention="eager")  # traced: eager attention exports to a faster graph than sdpa
+    attention = traced_attention(run_dir)
+    loaded = load_run(run_dir, attention=attention)
     final = Path(output_dir) if output_dir else Path("export") / run_dir.resolve().name
     work = final.with_name(final.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
@@ -103,7 +106,7 @@ def export_run(run_dir: str | Path | None = None, output_dir: str | Path | None 
     except OSError as exc:
         raise CmftError(f"--output-dir: {final}: cannot create it ({exc.strerror})") from None
     try:
-        report = _export_into(loaded, work, config, quantize, run_dir)
+        report = _export_into(loaded, work, config, quantize, run_dir, attention)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -119,7 +122,21 @@ def export_run(run_dir: str | Path | None = None, output_dir: str | Path | None 
     return final, report
 
 
-def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str | None, run_dir: Path) -> dict:
+def traced_attention(run_dir: Path) -> str:
+    """cmft's banded attention for ModernBERT (exact, and far cheaper on long notes); eager for other encoders."""
+    try:
+        model_type = json.loads((run_dir / "model" / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        model_type = None  # load_run names the problem
+    if model_type == "modernbert":
+        from cmft.onnx_attention import register
+
+        return register()
+    return "eager"
+
+
+def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str | None, run_dir: Path,
+                 attention: str) -> dict:  # fmt: skip
     task = loaded.task
     model_path = work / "model.onnx"
     started = time.monotonic()
@@ -133,7 +150,7 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
     (work / MANIFEST).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     backend = OnnxBackend(model_path)
     report: dict[str, Any] = {"task": task, "provider": backend.provider, "tolerance": config.tolerance,
-                              "export_seconds": round(time.monotonic() - started, 1), "traced_attention": "eager",
+                              "export_seconds": round(time.monotonic() - started, 1), "traced_attention": attention,
                               "reference": "pytorch sdpa"}  # fmt: skip
     reference = load_run(run_dir)  # parity against what `cmft predict` runs in PyTorch (sdpa)
     per_length = _parity(reference, backend, config)
