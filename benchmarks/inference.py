@@ -79,6 +79,34 @@ def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> di
     return result
 
 
+def gemm_floor(encoder: str, torch_ms: float, batch: int, length: int) -> dict:
+    """How fast any engine could be at batch × length on this CPU: the encoder's linear layers alone (the bulk of
+    the work at 256 tokens) at the matrix-multiply rate torch reaches on the same shapes."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(encoder)
+    h, i, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    tokens = batch * length
+    shapes = [(h, 3 * h), (h, h), (h, 2 * i), (i, h)]  # Wqkv, Wo, Wi (gated: 2 × intermediate), mlp Wo
+    flops = 2 * tokens * layers * sum(a * b for a, b in shapes)
+    seconds = 0.0
+    for a, b in shapes:  # each shape's best time over repeats, as one layer computes it
+        x, w = torch.randn(tokens, a), torch.randn(a, b)
+        for _ in range(3):
+            x @ w
+        seconds += layers * min(timed_call(lambda x=x, w=w: x @ w) for _ in range(10))
+    floor_ms = 1000 * seconds
+    return {"linear_gflop": round(flops / 1e9, 2), "matmul_gflops_per_s": round(flops / seconds / 1e9, 1),
+            "linear_floor_ms": round(floor_ms, 1), "torch_ms": torch_ms,
+            "max_speedup_if_only_linear_layers_ran": round(torch_ms / floor_ms, 2)}  # fmt: skip
+
+
+def timed_call(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="runs/pretrain/latest/model")
@@ -102,9 +130,12 @@ def main() -> None:
     speedups = [h[s]["speedup_fp32"] for h in heads.values() for s in SHAPES]
     speedups_int8 = [h[s]["speedup_int8"] for h in heads.values() for s in SHAPES]
     losses = [h["int8_metric_loss"] for h in heads.values() if h["int8_metric_loss"] is not None]
+    batch, length = SHAPES["batch8x256"]
+    torch_ms = min(h["batch8x256"]["torch_ms"] for h in heads.values())
+    floor = gemm_floor(str(Path(args.encoder).resolve()), torch_ms, batch, length)
     print(json.dumps({"benchmark": "inference", "threads": args.threads, "min_speedup_fp32": min(speedups),
                       "min_speedup_int8": min(speedups_int8), "max_int8_metric_loss": max(losses) if losses else None,
-                      "heads": heads}))  # fmt: skip
+                      "batch8x256_floor": floor, "heads": heads}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,8 +43,12 @@ def banded_attention(
     valid = attention_mask if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool)
     negative = torch.finfo(torch.float32).min
     if getattr(module, "sliding_window", None) is None:
-        bias = torch.where(valid[:, None, None, :], 0.0, negative).to(query.dtype)
-        scores = torch.matmul(query, key.transpose(2, 3)) * scaling + bias
+        bias = torch.where(valid[:, None, :, None], 0.0, negative).to(query.dtype).expand(-1, key.shape[1], -1, -1)
+        # the scale goes on the queries and the padding bias rides along as one more key feature: no pass over the
+        # [sequence × keys] scores besides the softmax
+        q = torch.cat([query * scaling, torch.ones_like(query[..., :1])], dim=-1)
+        k = torch.cat([key, bias], dim=-1)
+        scores = torch.matmul(q, k.transpose(2, 3))
         probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
     window = module.config.sliding_window  # attend iff |i - j| <= window
@@ -71,7 +75,7 @@ def _banded(query, key, value, valid, scaling: float, window: int, negative: flo
     band = (columns - rows).abs() <= window  # [block, 3·block], the same for every block
     allowed = band[None, None, None] & keep[:, None, :, None, :]
     bias = torch.where(allowed, 0.0, negative).to(query.dtype)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling + bias
+    scores = torch.matmul(q * scaling, k.transpose(-1, -2)) + bias
     probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     output = torch.matmul(probabilities, v).reshape(batch, heads, blocks * block, dim)
     return output[:, :, :length]
