@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from hf_baselines import BASELINES  # noqa: E402
 
 from cmft.finetuning.run import finetune, load_recipe  # noqa: E402
+from cmft.metrics import PRIMARY_METRIC  # noqa: E402
 
-METRIC = {"ner": "f1", "icd_coding": "micro_f1", "note_classification": "macro_f1", "retrieval": "ndcg@10"}
+METRIC = PRIMARY_METRIC
 ROWS = ("tiny_random", "tiny_pretrained", "minilm_cmft_full", "minilm_cmft_lora", "minilm_hf")
 
 

@@ -26,12 +26,12 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from cmft.config import StrictModel, load_config
 from cmft.errors import CmftError
 from cmft.inference import MANIFEST, Loaded, Unit, load_run
+from cmft.metrics import PRIMARY_METRIC
 from cmft.paths import resolve_bundled
 from cmft.predict import OnnxBackend, TorchBackend
 
 OUTPUTS = {"note_classification": "logits", "ner": "logits", "icd_coding": "probabilities",
            "retrieval": "embeddings", "encoder": "last_hidden_state"}  # fmt: skip
-PRIMARY_METRIC = {"note_classification": "macro_f1", "icd_coding": "micro_f1", "ner": "f1", "retrieval": "ndcg@10"}
 
 
 class ParityError(CmftError):

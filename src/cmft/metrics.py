@@ -15,8 +15,12 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+PRIMARY_METRIC = {"note_classification": "macro_f1", "icd_coding": "micro_f1", "ner": "f1", "retrieval": "ndcg@10"}
+"""Each task's main metric, stated once: it picks the best checkpoint, measures the int8 cost and ranks benchmarks."""
+
 __all__ = [
     "DEFAULT_THRESHOLD_GRID",
+    "PRIMARY_METRIC",
     "classification_metrics",
     "multilabel_metrics",
     "per_label_precision_recall",

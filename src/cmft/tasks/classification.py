@@ -14,12 +14,12 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
-from cmft.metrics import classification_metrics
+from cmft.metrics import PRIMARY_METRIC, classification_metrics
 from cmft.tasks.common import head_modules, saved_labels
 
 
 class ClassificationTask:
-    metric_for_best = "macro_f1"
+    metric_for_best = PRIMARY_METRIC["note_classification"]
 
     def __init__(self, recipe: Any):
         self.recipe = recipe

@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoTokenizer
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.heads import LabelAttentionHead, PooledHead
-from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
+from cmft.metrics import PRIMARY_METRIC, multilabel_metrics, per_label_precision_recall, tune_threshold
 
 HEAD_WEIGHTS = "icd_head.safetensors"
 HEAD_CONFIG = "icd_coding.json"
@@ -148,7 +148,7 @@ def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -
 
 
 class IcdCodingTask:
-    metric_for_best = "micro_f1"
+    metric_for_best = PRIMARY_METRIC["icd_coding"]
 
     def __init__(self, recipe: Any):
         self.recipe = recipe

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
 from cmft.errors import CmftError
+from cmft.metrics import PRIMARY_METRIC
 from cmft.paths import resolve_bundled
 from cmft.tasks.common import head_modules, saved_labels
 
@@ -129,7 +130,7 @@ def merge_windows(windows: list[dict], window_logits: list[np.ndarray], n_words:
 
 
 class NerTask:
-    metric_for_best = "f1"
+    metric_for_best = PRIMARY_METRIC["ner"]
 
     def __init__(self, recipe: Any):
         self.recipe = recipe

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cmft.data.retrieval import RetrievalSplit
-from cmft.metrics import retrieval_metrics
+from cmft.metrics import PRIMARY_METRIC, retrieval_metrics
 
 MODEL_CARD = """# cmft bi-encoder
 
@@ -104,7 +104,7 @@ def make_evaluator(split: RetrievalSplit, top_k: int, batch_size: int):
     class RetrievalEvaluator(SentenceEvaluator):
         def __init__(self):
             super().__init__()
-            self.primary_metric = "ndcg@10"
+            self.primary_metric = PRIMARY_METRIC["retrieval"]
             self.greater_is_better = True
 
         def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
