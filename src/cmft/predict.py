@@ -185,9 +185,10 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path | Non
     if loaded.task == "encoder":
         raise CmftError(f"{source}: a pretrained encoder has no task head; fine-tune it first (cmft finetune RECIPE)")
     ids, texts = [r[0] for r in rows], [r[1] for r in rows]
-    results, counts = predict_texts(loaded, backend, texts, batch_size, progress=True)
     if corpus is not None:
-        results = search(loaded, backend, results, Path(corpus), top_k, batch_size)
+        results, counts = search(loaded, backend, texts, Path(corpus), top_k, batch_size)
+    else:
+        results, counts = predict_texts(loaded, backend, texts, batch_size, progress=True)
     lines = [json.dumps({"id": identifier, **result}, ensure_ascii=False) for identifier, result in zip(ids, results,
              strict=True)]  # fmt: skip
     _write(lines, output)
@@ -195,8 +196,20 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path | Non
             "provider": backend.provider, "task": loaded.task}  # fmt: skip
 
 
-def search(loaded: Loaded, backend: Backend, queries: list[dict], corpus_path: Path, top_k: int,
-           batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
+def embed_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: int
+                ) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
+    """[texts, dim] float32 embeddings of a retrieval model, kept as arrays (no JSON rounding) for ranking, and
+    the truncation counts."""
+    units, counts = encode_texts(loaded, texts)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    outputs = run_units(backend, units, pad_id, loaded.meta, batch_size)
+    return np.stack([np.asarray(outputs[k], dtype=np.float32) for k in range(len(units))]), counts
+
+
+def search(loaded: Loaded, backend: Backend, texts: list[str], corpus_path: Path, top_k: int,
+           batch_size: int) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+    """The top-k corpus documents of every query text (cosine similarity of the normalised embeddings), and the
+    queries' truncation counts."""
     import torch
 
     from cmft.data.retrieval import corpus_file_texts
@@ -207,11 +220,10 @@ def search(loaded: Loaded, backend: Backend, queries: list[dict], corpus_path: P
     documents = corpus_file_texts(corpus_path)
     if not documents:
         raise CmftError(f"--corpus: {corpus_path}: no document")
-    embedded, _ = predict_texts(loaded, backend, [text for _, text in documents], batch_size)
-    corpus = torch.tensor([e["embedding"] for e in embedded])
-    query = torch.tensor([q["embedding"] for q in queries])
-    hits = rank(query, corpus, [d for d, _ in documents], top_k)
-    return [{"hits": [{"id": d, "score": round(s, 6)} for d, s in row]} for row in hits]
+    corpus, _ = embed_texts(loaded, backend, [text for _, text in documents], batch_size)
+    query, counts = embed_texts(loaded, backend, texts, batch_size)
+    hits = rank(torch.from_numpy(query), torch.from_numpy(corpus), [d for d, _ in documents], top_k)
+    return [{"hits": [{"id": d, "score": round(s, 6)} for d, s in row]} for row in hits], counts
 
 
 def _write(lines: list[str], output: str | Path | None) -> None:
