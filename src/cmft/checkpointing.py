@@ -3,6 +3,8 @@
 A checkpoint is written into `<checkpoints>/.staging/checkpoint-N` and renamed into place only when every
 file (weights, optimizer, scheduler, RNG states, trainer state, cmft's own state) is on disk, so a kill at any
 moment leaves the previous checkpoints loadable. Older checkpoints are rotated away only after the rename.
+With several processes (torchrun) every process writes its own RNG state into the staging folder, and only the
+process that saves (`args.should_save`: rank 0) prepares, renames and rotates, the others waiting for it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cmft import distributed
 from cmft.errors import CmftError
 
 log = logging.getLogger("cmft")
@@ -73,7 +76,9 @@ def resume_point(root: Path, resume: bool) -> str | None:
     write are removed."""
     if not resume:
         return None
-    shutil.rmtree(root / STAGING, ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(root / STAGING, ignore_errors=True)
+    distributed.barrier()
     checkpoints = complete_checkpoints(root)
     if not checkpoints:
         return None
@@ -104,18 +109,29 @@ class SafeTrainerMixin:
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(super()._get_output_dir(trial))
         staging = root / STAGING
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        saver = self.args.should_save
+        if saver:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()  # the staging folder is ready before anyone writes into it
         self._staging = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
+        self.accelerator.wait_for_everyone()  # every process's files (e.g. rng_state_<rank>.pth) are written
+        best = self.state.best_model_checkpoint
+        moved = best is not None and Path(best).parent == staging
+        if moved:  # the staging path → the final one, in every process's state
+            self.state.best_model_checkpoint = str(root / Path(best).name)
+        if saver:
+            self._commit_checkpoint(root, staging, moved)
+        self.accelerator.wait_for_everyone()
+
+    def _commit_checkpoint(self, root: Path, staging: Path, best_moved: bool) -> None:
         name = f"checkpoint-{self.state.global_step}"
         staged, final = staging / name, root / name
-        best = self.state.best_model_checkpoint
-        if best is not None and Path(best).parent == staging:  # the staging path → the final one
-            self.state.best_model_checkpoint = str(root / Path(best).name)
+        if best_moved:
             self.state.save_to_json(str(staged / TRAINER_STATE))
         (staged / CMFT_STATE).write_text(json.dumps(self.cmft_state(), indent=2), encoding="utf-8")
         _fsync_tree(staged)
@@ -155,7 +171,10 @@ class SafeTrainerMixin:
     # -- watchdog -----------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._watch(float(loss.detach()))
+        watched = loss.detach()
+        if self.args.world_size > 1:  # every process must take the same decision to stop
+            watched = self.accelerator.reduce(watched.clone(), reduction="mean")
+        self._watch(float(watched))
         return loss
 
     def _watch(self, value: float) -> None:

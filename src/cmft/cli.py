@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from cmft.distributed import is_main
 from cmft.errors import CmftError
 
 app = typer.Typer(
@@ -66,7 +67,8 @@ def pretrain(
         items.insert(0, config)
         config = None
     run_dir = run_pretrain(config, items, output_dir=output_dir, resume=resume)
-    typer.echo(f"pretrain run finished: {run_dir}")
+    if is_main():
+        typer.echo(f"pretrain run finished: {run_dir}")
 
 
 @app.command()
@@ -86,7 +88,8 @@ def finetune(
         items.insert(0, recipe)
         recipe = None
     run_dir = run_finetune(recipe, items, output_dir=output_dir, resume=resume)
-    typer.echo(f"finetune run finished: {run_dir}")
+    if is_main():
+        typer.echo(f"finetune run finished: {run_dir}")
 
 
 @app.command()

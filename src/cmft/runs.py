@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cmft import distributed
 from cmft.config import apply_overrides, build_config, read_yaml
 from cmft.errors import CmftError
 
@@ -57,7 +58,15 @@ def find_resumable(kind: str, output_dir: str | Path | None) -> Path:
 
 
 def finish_run(final: Path) -> Path:
-    """Rename the completed `.partial` folder into place and point `latest` at it."""
+    """Rename the completed `.partial` folder into place and point `latest` at it (rank 0; the other processes
+    of a multi-process run wait for it)."""
+    if distributed.is_main():
+        _rename_into_place(final)
+    distributed.barrier()
+    return final
+
+
+def _rename_into_place(final: Path) -> None:
     partial = partial_of(final)
     if final.exists():
         shutil.rmtree(final)
@@ -68,12 +77,12 @@ def finish_run(final: Path) -> Path:
         tmp_link.unlink()
     os.symlink(final.name, tmp_link)
     os.replace(tmp_link, link)
-    return final
 
 
 def discard_run(final: Path) -> None:
     """Remove the work folder of a run that failed on bad input before training started."""
-    shutil.rmtree(partial_of(final), ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(partial_of(final), ignore_errors=True)
 
 
 def start_or_resume(
@@ -85,14 +94,17 @@ def start_or_resume(
     overrides: list[str],
 ) -> tuple[Any, Path, Path]:
     """(config, final path, work folder): a new run from `load_new()`, or the unfinished one to resume
-    with its saved recipe.yaml (plus any overrides)."""
+    with its saved recipe.yaml (plus any overrides). Under torchrun, rank 0 chooses (and creates) the folder and
+    the other processes take its choice."""
+    distributed.start()
+    distributed.quiet_other_ranks()
     if resume:
-        final = find_resumable(kind, output_dir)
+        final = distributed.agree(lambda: find_resumable(kind, output_dir))
         work = partial_of(final)
         data = apply_overrides(read_yaml(work / "recipe.yaml"), overrides)
         return build_config(schema, data, str(work / "recipe.yaml")), final, work
     config = load_new()
-    final = new_run_dir(kind, config.run_name, output_dir)
+    final = distributed.agree(lambda: new_run_dir(kind, config.run_name, output_dir))
     return config, final, partial_of(final)
 
 

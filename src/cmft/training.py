@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from cmft.distributed import split_batch
+from cmft.errors import CmftError
 from cmft.modeling import bf16_available
+
+log = logging.getLogger("cmft")
 
 HISTORY_KEYS = {"learning_rate": "lr"}
 DROPPED_KEYS = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
@@ -35,15 +40,31 @@ def training_arguments(
     save_total_limit: int,
     seed: int,
     bf16: bool | str,
+    distributed: str = "ddp",
+    fsdp_layers: list[str] | None = None,
+    batch_field: str = "training.batch_size",
     cls: type[TrainingArguments] = TrainingArguments,
     **extra: Any,
 ) -> TrainingArguments:
-    """TrainingArguments (or a subclass) with cmft's conventions: checkpoints in the run folder, no reporting."""
+    """TrainingArguments (or a subclass) with cmft's conventions: checkpoints in the run folder, no reporting.
+
+    `batch_size` is the recipe's: rows per micro-batch over all processes together. Under torchrun it is divided
+    across the processes, so the global batch (batch_size × gradient_accumulation) does not change."""
     use_bf16 = bf16_available() if bf16 == "auto" else bool(bf16)
+    split = split_batch(batch_size, gradient_accumulation, batch_field)
+    if split.processes > 1:
+        log.info(
+            "batch: %d per device × %d processes × %d accumulation = %d rows per optimizer step (%s)",
+            split.per_device,
+            split.processes,
+            split.accumulation,
+            split.global_batch_size,
+            distributed,
+        )
     return cls(
         output_dir=str(output_dir),
         max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=split.per_device,
         gradient_accumulation_steps=gradient_accumulation,
         learning_rate=learning_rate,
         weight_decay=weight_decay,
@@ -61,8 +82,29 @@ def training_arguments(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_backend="gloo" if split.processes > 1 and not torch.cuda.is_available() else None,
+        **sharding_arguments(distributed, fsdp_layers),
         **extra,
     )
+
+
+def sharding_arguments(distributed: str, fsdp_layers: list[str] | None = None) -> dict[str, Any]:
+    """`ddp`: the Trainer's default under torchrun (each process holds the whole model). `fsdp`: parameters,
+    gradients and optimizer state sharded across GPUs, one FSDP unit per `fsdp_layers` module (default: the
+    model's `_no_split_modules`) — for encoders too large to replicate."""
+    if distributed == "ddp":
+        return {}
+    if distributed != "fsdp":
+        raise CmftError(f"training.distributed: {distributed!r}: use ddp or fsdp")
+    if not torch.cuda.is_available():
+        raise CmftError(
+            "training.distributed: fsdp needs CUDA GPUs (cmft runs FSDP on nccl only; CPU runs use ddp over gloo); "
+            "set training.distributed=ddp"
+        )
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"transformer_layer_cls_to_wrap": fsdp_layers} if fsdp_layers else {},
+    }
 
 
 class HistoryCallback(TrainerCallback):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
 
+from cmft import distributed
 from cmft.checkpointing import SafeTrainerMixin, resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
@@ -130,7 +131,8 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
         from cmft.finetuning.retrieval_engine import run_retrieval
 
         return run_retrieval(recipe, final, work, resume)
-    dump_config(recipe, work / "recipe.yaml")
+    if distributed.is_main():
+        dump_config(recipe, work / "recipe.yaml")
     set_threads(recipe.training.threads)
     set_seed(recipe.seed)
     started = time.monotonic()
@@ -145,6 +147,8 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     head_modules = task.head_modules(model)
     model_type = model.config.model_type
     if recipe.tuning.method == "lora":
+        if recipe.training.distributed == "fsdp":
+            raise CmftError("training.distributed: fsdp with tuning.method lora is not supported; use ddp")
         model = wrap_lora(model, model_type, recipe.tuning, head_modules)
     trainer = _build_trainer(recipe, task, model, tokenizer, head_modules, work)
     output = trainer.train(resume_from_checkpoint=resume_point(work / "checkpoints", resume))
@@ -152,6 +156,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
         "train_seconds": round(time.monotonic() - started, 1),  # everything up to here: data, model, training
         "train_examples_per_s": round(output.metrics.get("train_samples_per_second", 0.0), 2),
         "encoder": encoder,
+        **distributed.split_batch(recipe.training.batch_size, recipe.training.gradient_accumulation).report(),
         **task.report,
     }
     trainer.compute_metrics = None  # final predictions: no metric hook (it would tune the ICD threshold on test)
@@ -167,7 +172,17 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     metrics |= {"split": split, "n_examples": len(task.datasets[split])}
     metrics |= {f"dev_{k}": v for k, v in dev_metrics.items() if isinstance(v, (int, float))}
     metrics |= {k: v for k, v in report.items() if isinstance(v, (int, float))}
-    _save(recipe, task, trainer.model, tokenizer, work)
+    if trainer.is_fsdp_enabled:  # gathering the sharded weights is a collective: every process saves
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(unwrapped, "settings"):
+            unwrapped.settings = task.settings  # ICD: the tuned threshold travels with the model
+        trainer.save_model(str(work / "model"))
+    if not distributed.is_main():  # predictions above were gathered from every process; rank 0 writes
+        return finish_run(final)
+    if trainer.is_fsdp_enabled:
+        tokenizer.save_pretrained(work / "model")
+    else:
+        _save(recipe, task, trainer.model, tokenizer, work)
     task.save_extras(work / "model", logits, labels, work / "plots")
     (work / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2), encoding="utf-8")
     plot_history(read_history(work / "history.jsonl"), work / "plots" / "loss.png", ("loss", "eval_loss", "lr"))
@@ -192,7 +207,7 @@ def _build_trainer(recipe, task, model, tokenizer, head_modules, work: Path) -> 
         gradient_accumulation=t.gradient_accumulation, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, max_grad_norm=1.0,
         log_every=min(t.log_every, max_steps), save_every=eval_every, save_total_limit=t.save_total_limit,
-        seed=recipe.seed, bf16=t.bf16,
+        seed=recipe.seed, bf16=t.bf16, distributed=t.distributed,
     )  # fmt: skip
     args.per_device_eval_batch_size = t.eval_batch_size
     args.train_sampling_strategy = "group_by_length"  # similar lengths per batch: far less padding

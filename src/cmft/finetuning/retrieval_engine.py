@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback, set_seed
 
+from cmft import distributed
 from cmft.checkpointing import SafeTrainerMixin, resume_point
 from cmft.config import dump_config
 from cmft.data.retrieval import RetrievalSplit, read_retrieval_split
@@ -93,7 +94,10 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
 
     from cmft.finetuning.retrieval_sampler import GroupedNoDuplicatesBatchSampler
 
-    dump_config(recipe, work / "recipe.yaml")
+    if recipe.training.distributed == "fsdp":
+        raise CmftError("training.distributed: fsdp is not supported for retrieval (sentence-transformers); use ddp")
+    if distributed.is_main():
+        dump_config(recipe, work / "recipe.yaml")
     set_threads(recipe.training.threads)
     set_seed(recipe.seed)
     started = time.monotonic()
@@ -103,7 +107,10 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     if recipe.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
     splits = read_splits(recipe)
-    report: dict[str, Any] = {"encoder": encoder}
+    report: dict[str, Any] = {
+        "encoder": encoder,
+        **distributed.split_batch(recipe.training.batch_size, recipe.training.gradient_accumulation).report(),
+    }
     for split in splits.values():
         report |= split.counts()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,10 +132,13 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     train_dataset = Dataset.from_list(rows)
     if recipe.tuning.method == "lora":
         model[0].model = wrap_lora(model[0].model, model[0].model.config.model_type, recipe.tuning, [])
+    # under torchrun each query also sees the other processes' documents: in-batch negatives = the global batch
+    gather = distributed.launched()
     if settings.loss == "cached":
-        loss = CachedMultipleNegativesRankingLoss(model, scale=settings.scale, mini_batch_size=settings.mini_batch_size)
+        loss = CachedMultipleNegativesRankingLoss(model, scale=settings.scale, mini_batch_size=settings.mini_batch_size,
+                                                  gather_across_devices=gather)  # fmt: skip
     else:
-        loss = MultipleNegativesRankingLoss(model, scale=settings.scale)
+        loss = MultipleNegativesRankingLoss(model, scale=settings.scale, gather_across_devices=gather)
 
     batches = math.ceil(len(rows) / t.batch_size)
     if settings.group_by_length:  # rows sharing a text (e.g. "None.") need separate batches
@@ -141,7 +151,7 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
         gradient_accumulation=t.gradient_accumulation, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, max_grad_norm=1.0,
         log_every=min(t.log_every, max_steps), save_every=eval_every, save_total_limit=t.save_total_limit,
-        seed=recipe.seed, bf16=t.bf16, cls=SentenceTransformerTrainingArguments,
+        seed=recipe.seed, bf16=t.bf16, distributed=t.distributed, cls=SentenceTransformerTrainingArguments,
         # a duplicate text in a batch would be a false negative; grouping by length saves most of the padding
         batch_sampler=GroupedNoDuplicatesBatchSampler if settings.group_by_length else BatchSamplers.NO_DUPLICATES,
     )  # fmt: skip
@@ -167,7 +177,8 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
 
     model = trainer.model
     if recipe.tuning.method == "lora":
-        model[0].model.save_pretrained(work / "adapter")
+        if distributed.is_main():
+            model[0].model.save_pretrained(work / "adapter")
         model[0].model = model[0].model.merge_and_unload()
     metrics: dict[str, Any] = {}
     if "dev" in splits:
@@ -179,6 +190,8 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     n_texts = result["n_queries"] + result["n_documents"]
     report[f"{split_name}_texts_per_s"] = round(n_texts / (time.monotonic() - predict_started), 2)
     metrics = {**result, "split": split_name, **metrics, **{k: v for k, v in report.items() if k != "encoder"}}
+    if not distributed.is_main():
+        return finish_run(final)
     retrieval.save_model(model, work / "model", settings.pooling)
     if (checkpoints / "eval").is_dir() and not any((checkpoints / "eval").iterdir()):
         (checkpoints / "eval").rmdir()  # the trainer's evaluator folder; cmft's evaluator writes nothing there

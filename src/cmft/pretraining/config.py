@@ -122,6 +122,9 @@ class TrainingConfig(StrictModel):
     """Stop when the smoothed loss exceeds this many times its lowest (NaN/inf always stops); null: off."""
     bf16: Literal["auto", True, False] = "auto"
     threads: PositiveInt | None = None
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp replicates the model on each process; fsdp shards it (CUDA GPUs only). batch_size
+    stays the global micro-batch, divided across the processes."""
 
 
 class LongContextConfig(StrictModel):

@@ -20,6 +20,7 @@ from transformers import (
     set_seed,
 )
 
+from cmft import distributed
 from cmft.checkpointing import resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
@@ -115,9 +116,8 @@ def _setup(config: PretrainConfig, corpus: Corpus, lexicon: Lexicon, work: Path,
     attention = resolve_attention(config.model.attention)
     tokenizer_dir = work / "tokenizer"
     if config.model.init_from is None:
-        if resume and tokenizer_dir.is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        else:
+        trains = distributed.is_main() and not (resume and tokenizer_dir.is_dir())
+        if trains:  # once, on rank 0; the other processes load what it saved
             started = time.monotonic()
             tokenizer = train_tokenizer(
                 corpus.train,
@@ -127,6 +127,10 @@ def _setup(config: PretrainConfig, corpus: Corpus, lexicon: Lexicon, work: Path,
                 config.model.architecture.max_position_embeddings,
             )
             log.info("tokenizer: trained %d tokens in %.1f s", len(tokenizer), time.monotonic() - started)
+            save_tokenizer(tokenizer, tokenizer_dir)
+        distributed.barrier()
+        if not trains:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         model = ModernBertForMaskedLM(modernbert_config(config.model.architecture, tokenizer, attention))
         vocab = {
             "tokenizer": "trained",
@@ -157,7 +161,9 @@ def _setup(config: PretrainConfig, corpus: Corpus, lexicon: Lexicon, work: Path,
             }
         else:
             vocab = {"tokenizer": "unchanged", "vocab_size": len(tokenizer), "tokens_added": 0}
-    save_tokenizer(tokenizer, tokenizer_dir)
+    if distributed.is_main():
+        save_tokenizer(tokenizer, tokenizer_dir)
+    distributed.barrier()
     _set_sparse_prediction(model, True)
     return Setup(model=model, tokenizer=tokenizer, attention=attention, vocab=vocab)
 
@@ -197,6 +203,10 @@ def _train_stage(
         save_total_limit=t.save_total_limit,
         seed=config.seed,
         bf16=t.bf16,
+        distributed=t.distributed,
+        fsdp_layers=["ModernBertEncoderLayer"],
+        batch_field="training.batch_size" if stage == "main" else "long_context.batch_size",
+        ddp_find_unused_parameters=False,  # every parameter takes part: skip DDP's extra graph traversal
     )
     pad_id = setup.tokenizer.pad_token_id
     trainer = MaskedLMTrainer(
@@ -214,6 +224,8 @@ def _train_stage(
     trainer.setup_safety(t.divergence_factor)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=resume_point(Path(args.output_dir), resume))
+    if args.fsdp:  # the model is sharded across processes: gather it into a plain model on every process
+        setup.model = _gathered_model(trainer, work / f"{stage}_gathered", setup.attention)
     totals = trainer.totals
     return {
         f"{stage}_steps": max_steps,
@@ -222,6 +234,18 @@ def _train_stage(
         f"{stage}_medical_share_of_tokens": totals.medical_share_of_tokens,
         f"{stage}_medical_share_of_masked": totals.medical_share_of_masked,
     }
+
+
+def _gathered_model(trainer: MaskedLMTrainer, folder: Path, attention: str) -> PreTrainedModel:
+    """Save the FSDP-sharded model whole (a collective: every process takes part) and reload it unsharded."""
+    trainer.save_model(str(folder))
+    distributed.barrier()
+    model = AutoModelForMaskedLM.from_pretrained(folder, use_safetensors=True, attn_implementation=attention)
+    _set_sparse_prediction(model, True)
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(folder)
+    return model
 
 
 def _steps_for(config: PretrainConfig, rows: int) -> int:
@@ -245,7 +269,9 @@ def _long_context(
     # weights so the rotary embedding picks up the new theta.
     staged = work / "stage1_model"
     _set_sparse_prediction(setup.model, True)
-    setup.model.save_pretrained(staged)
+    if distributed.is_main():
+        setup.model.save_pretrained(staged)
+    distributed.barrier()
     setup.model = AutoModelForMaskedLM.from_pretrained(
         staged,
         use_safetensors=True,
@@ -259,7 +285,9 @@ def _long_context(
         },
     )
     _set_sparse_prediction(setup.model, True)
-    shutil.rmtree(staged)
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(staged)
     documents = tokenize_documents(corpus.train, setup.tokenizer, lexicon, stage.max_length, config.masking.whole_word)
     train = PackedDataset(documents, stage.max_length)
     return _train_stage(
@@ -276,8 +304,10 @@ def _long_context(
 
 
 def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: bool) -> Path:
-    """Train in `work` (the `.partial` folder) and rename it to `final` when everything is written."""
-    dump_config(config, work / "recipe.yaml")
+    """Train in `work` (the `.partial` folder) and rename it to `final` when everything is written. Under
+    torchrun every process trains on its shard of each batch; rank 0 alone evaluates and writes."""
+    if distributed.is_main():
+        dump_config(config, work / "recipe.yaml")
     set_threads(config.training.threads)
     set_seed(config.seed)
     started = time.monotonic()
@@ -310,6 +340,8 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
         "pack_fill": train.fill_ratio(max_length),
         "lexicon_words": len(lexicon),
         "attention": setup.attention,
+        **distributed.split_batch(config.training.batch_size, config.training.gradient_accumulation).report(),
+        "distributed": config.training.distributed if distributed.launched() else "none",
         **setup.vocab,
     }
     summary |= _train_stage(
@@ -325,6 +357,20 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
     )
     if config.long_context is not None:
         summary |= _long_context(config, setup, corpus, lexicon, work, resume)
+    if distributed.is_main():
+        _evaluate_and_save(config, setup, heldout, len(corpus.heldout), work, summary, started)
+    return finish_run(final)
+
+
+def _evaluate_and_save(
+    config: PretrainConfig,
+    setup: Setup,
+    heldout: PackedDataset,
+    n_heldout: int,
+    work: Path,
+    summary: dict,
+    started: float,
+) -> None:
     masker = Masker(setup.tokenizer.mask_token_id, len(setup.tokenizer), setup.tokenizer.all_special_ids)
     metrics = masked_token_accuracy(
         setup.model,
@@ -336,7 +382,8 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
         config.evaluation.seed,
         config.evaluation.batch_size,
     )
-    metrics |= {"split": "heldout", "n_examples": len(corpus.heldout)}
+    metrics |= {"split": "heldout", "n_examples": n_heldout}
+    metrics |= {key: summary[key] for key in ("global_batch_size", "world_size")}
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     _save_outputs(setup, work, metrics, summary)
     log.info(
@@ -347,7 +394,6 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
         metrics["mlm_top25"],
         config.evaluation.rate,
     )
-    return finish_run(final)
 
 
 def _save_outputs(setup: Setup, work: Path, metrics: dict, summary: dict) -> None:

@@ -13,6 +13,7 @@ Design of the emphasis (no public implementation exists):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,23 +93,37 @@ class Masker:
         self,
         batch: dict[str, torch.Tensor],
         rate: float,
-        generator: torch.Generator,
+        generator: torch.Generator | Sequence[torch.Generator],
         weight: float | None = None,
     ) -> tuple[dict[str, torch.Tensor], MaskingStats]:
-        """Return the batch with masked `input_ids` and `labels` (-100 where not predicted), and its stats."""
+        """Return the batch with masked `input_ids` and `labels` (-100 where not predicted), and its stats.
+
+        One generator for the batch, or one per row: a row's own generator draws only over the row's maskable
+        tokens, so its mask does not depend on the padding or on the other rows of its micro-batch."""
         weight = self.medical_weight if weight is None else weight
         unit, medical, input_ids = batch["unit"].cpu(), batch["medical"].cpu(), batch["input_ids"].cpu()
-        chosen = torch.stack([self._choose(unit[r], medical[r], rate, weight, generator) for r in range(len(unit))])
+        valid = unit >= 0
+        if isinstance(generator, torch.Generator):
+            chosen = torch.stack([self._choose(unit[r], medical[r], rate, weight, generator) for r in range(len(unit))])
+            roll = torch.rand(input_ids.shape, generator=generator)
+            replacement = torch.randint(len(self._replacement_ids), input_ids.shape, generator=generator)
+        else:
+            if len(generator) != len(unit):
+                raise ValueError(f"{len(generator)} generators for {len(unit)} rows")
+            chosen = torch.zeros_like(valid)
+            roll = torch.ones(input_ids.shape)  # 1.0: neither [MASK] nor a random token
+            replacement = torch.zeros(input_ids.shape, dtype=torch.long)
+            for r, row_generator in enumerate(generator):
+                chosen[r] = self._choose(unit[r], medical[r], rate, weight, row_generator)
+                n = int(valid[r].sum())
+                roll[r, valid[r]] = torch.rand(n, generator=row_generator)
+                replacement[r, valid[r]] = torch.randint(len(self._replacement_ids), (n,), generator=row_generator)
         labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-        roll = torch.rand(input_ids.shape, generator=generator)
         to_mask = chosen & (roll < self.mask_token_fraction)
         to_random = chosen & ~to_mask & (roll < self.mask_token_fraction + self.random_token_fraction)
-        random_ids = self._replacement_ids[
-            torch.randint(len(self._replacement_ids), input_ids.shape, generator=generator)
-        ]
+        random_ids = self._replacement_ids[replacement]
         masked_ids = torch.where(to_mask, torch.full_like(input_ids, self.mask_token_id), input_ids)
         masked_ids = torch.where(to_random, random_ids, masked_ids)
-        valid = unit >= 0
         stats = MaskingStats(
             tokens=int(valid.sum()),
             medical_tokens=int((medical & valid).sum()),

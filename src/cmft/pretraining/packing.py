@@ -121,6 +121,14 @@ def pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[lis
     return bins
 
 
+class PackedRow(list):
+    """The documents of one packed row (a list), and the row's index in its dataset."""
+
+    def __init__(self, documents: list[Document], index: int):
+        super().__init__(documents)
+        self.dataset_index = index
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Each item is one packed row: a list of documents that share a sequence without seeing each other."""
 
@@ -131,15 +139,16 @@ class PackedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> list[Document]:
-        return [self.documents[i] for i in self.rows[index]]
+    def __getitem__(self, index: int) -> PackedRow:
+        return PackedRow([self.documents[i] for i in self.rows[index]], index)
 
     def fill_ratio(self, max_length: int) -> float:
         return sum(len(d.ids) for d in self.documents) / (len(self.rows) * max_length)
 
 
 def collate_packed(rows: list[list[Document]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad packed rows to the longest; per-token document index (-1 on padding) and per-document positions."""
+    """Pad packed rows to the longest; per-token document index (-1 on padding) and per-document positions;
+    `row`: each row's dataset index (-1 when not known), which seeds its masking."""
     length = max(sum(len(d.ids) for d in row) for row in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -165,6 +174,7 @@ def collate_packed(rows: list[list[Document]], pad_id: int) -> dict[str, torch.T
         "position_ids": position,
         "unit": unit,
         "medical": medical,
+        "row": torch.tensor([getattr(row, "dataset_index", -1) for row in rows], dtype=torch.long),
     }
 
 
