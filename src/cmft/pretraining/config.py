@@ -51,6 +51,8 @@ class RefineConfig(StrictModel):
 class TokenizerConfig(StrictModel):
     vocab_size: PositiveInt = 8192
     """Size of a tokenizer trained on the corpus (from-scratch configs)."""
+    train_documents: PositiveInt = 100_000
+    """With corpus.streaming: the tokenizer is trained (or refined) on the first this many training documents."""
     lowercase: bool = False
     min_frequency: PositiveInt = 2
     refine: RefineConfig = RefineConfig()
@@ -83,6 +85,15 @@ class CorpusConfig(StrictModel):
     holdout_fraction: float = Field(0.02, gt=0, lt=0.5)
     """Share of documents kept out of training for evaluation (chosen by a hash of the text: stable)."""
     max_holdout_documents: PositiveInt = 1000
+    streaming: bool = False
+    """Read the sources as a stream, tokenize them once into an on-disk shard cache and pack rows on the fly:
+    memory stays flat however large the corpus. Needs training.max_steps."""
+    buffer_documents: PositiveInt = 10_000
+    """With streaming: documents packed together at a time (more: fuller rows and more mixing, more memory)."""
+    shard_documents: PositiveInt = 2000
+    """With streaming: documents tokenized and cached per shard file."""
+    cache_dir: str | None = None
+    """With streaming: where tokenized shards are kept (null: $CMFT_CACHE/tokenized, else ~/.cache/cmft/tokenized)."""
 
 
 class MaskingConfig(StrictModel):

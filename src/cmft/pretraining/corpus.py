@@ -131,12 +131,17 @@ def _stream_file(path: Path, source: SourceConfig) -> Iterator[str]:
         raise
 
 
+def source_files(source: SourceConfig) -> list[Path]:
+    """The user files a source reads, in reading order (none for a bundled source)."""
+    return [] if source.bundled is not None else _files_of(source.path or "")
+
+
 def iter_source(source: SourceConfig) -> Iterator[str]:
     """The non-empty documents of one source, whitespace-stripped, in a stable order."""
     if source.bundled is not None:
         texts: Iterator[str] = BUNDLED[source.bundled]()
     else:
-        texts = (text for path in _files_of(source.path or "") for text in _stream_file(path, source))
+        texts = (text for path in source_files(source) for text in _stream_file(path, source))
     count = 0
     for text in texts:
         text = text.strip()
@@ -161,21 +166,29 @@ class Corpus:
     documents_per_source: dict[str, int] = field(default_factory=dict)
 
 
-def build_corpus(config: CorpusConfig) -> Corpus:
-    """Read every source and split off the fixed held-out slice (duplicates of a text share its side)."""
-    corpus = Corpus()
+def split_documents(config: CorpusConfig, counts: dict[str, int] | None = None) -> Iterator[tuple[str, bool]]:
+    """Every document of every source as (text, held_out), in order: the held-out slice is chosen by a hash of
+    the text and capped at `max_holdout_documents`. Fills `counts` (documents per source) as sources finish."""
+    heldout = 0
     for source in config.sources:
         name = source.bundled or source.path or ""
         count = 0
         for text in iter_source(source):
             count += 1
-            if is_heldout(text, config.holdout_fraction) and len(corpus.heldout) < config.max_holdout_documents:
-                corpus.heldout.append(text)
-            else:
-                corpus.train.append(text)
+            held = heldout < config.max_holdout_documents and is_heldout(text, config.holdout_fraction)
+            heldout += held
+            yield text, held
         if count == 0:
             raise CmftError(f"corpus source {name!r}: no non-empty document")
-        corpus.documents_per_source[name] = count
+        if counts is not None:
+            counts[name] = count
+
+
+def build_corpus(config: CorpusConfig) -> Corpus:
+    """Read every source and split off the fixed held-out slice (duplicates of a text share its side)."""
+    corpus = Corpus()
+    for text, held in split_documents(config, corpus.documents_per_source):
+        (corpus.heldout if held else corpus.train).append(text)
     if not corpus.heldout:
         corpus.heldout.append(corpus.train.pop())
     if not corpus.train:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,11 +25,12 @@ from cmft.config import dump_config
 from cmft.errors import CmftError
 from cmft.modeling import check_model_source, hub_error, resolve_attention
 from cmft.pretraining.config import ArchitectureConfig, PretrainConfig
-from cmft.pretraining.corpus import Corpus, build_corpus
+from cmft.pretraining.corpus import Corpus
 from cmft.pretraining.evaluate import masked_token_accuracy
 from cmft.pretraining.lexicon import Lexicon
 from cmft.pretraining.masking import Masker
 from cmft.pretraining.packing import PackedDataset, collate_packed, tokenize_documents
+from cmft.pretraining.rows import Rows, read_corpus, streamed, training_data
 from cmft.pretraining.trainer import MaskedLMTrainer
 from cmft.pretraining.vocab import refine_tokenizer, save_tokenizer, tokens_per_word, train_tokenizer
 from cmft.runs import finish_run
@@ -171,7 +171,7 @@ def _setup(config: PretrainConfig, corpus: Corpus, lexicon: Lexicon, work: Path,
 def _train_stage(
     config: PretrainConfig,
     setup: Setup,
-    train: PackedDataset,
+    train: Rows,
     work: Path,
     stage: str,
     max_steps: int,
@@ -248,13 +248,6 @@ def _gathered_model(trainer: MaskedLMTrainer, folder: Path, attention: str) -> P
     return model
 
 
-def _steps_for(config: PretrainConfig, rows: int) -> int:
-    if config.training.max_steps is not None:
-        return config.training.max_steps
-    per_step = config.training.batch_size * config.training.gradient_accumulation
-    return max(1, math.ceil(config.training.epochs * rows / per_step))
-
-
 def _long_context(
     config: PretrainConfig, setup: Setup, corpus: Corpus, lexicon: Lexicon, work: Path, resume: bool
 ) -> dict:
@@ -288,8 +281,10 @@ def _long_context(
     distributed.barrier()
     if distributed.is_main():
         shutil.rmtree(staged)
-    documents = tokenize_documents(corpus.train, setup.tokenizer, lexicon, stage.max_length, config.masking.whole_word)
-    train = PackedDataset(documents, stage.max_length)
+    if config.corpus.streaming:
+        train: Rows = streamed(config, setup.tokenizer, lexicon, stage.max_length)[0]
+    else:
+        train = training_data(config, corpus, setup.tokenizer, lexicon, stage.max_length).rows
     return _train_stage(
         config,
         setup,
@@ -314,30 +309,18 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
     if config.model.init_from is not None:
         check_model_source(config.model.init_from)  # fail in seconds, before the corpus is read
     lexicon = Lexicon.from_files(config.masking.lexicon)
-    corpus = build_corpus(config.corpus)
+    corpus = read_corpus(config)  # streaming: the head of the stream, for the tokenizer
     setup = _setup(config, corpus, lexicon, work, resume)
     max_length = config.training.max_length
-    documents = tokenize_documents(corpus.train, setup.tokenizer, lexicon, max_length, config.masking.whole_word)
-    train = PackedDataset(documents, max_length)
+    data = training_data(config, corpus, setup.tokenizer, lexicon, max_length)
+    train, corpus, max_steps = data.rows, data.corpus, data.max_steps
     heldout = PackedDataset(
         tokenize_documents(corpus.heldout, setup.tokenizer, lexicon, max_length, "none"), max_length
     )
-    max_steps = _steps_for(config, len(train))
-    log.info(
-        "packing: %d documents → %d rows of ≤ %d tokens (%.0f%% full); %d optimizer steps",
-        len(documents),
-        len(train),
-        max_length,
-        100 * train.fill_ratio(max_length),
-        max_steps,
-    )
     summary = {
         "documents_per_source": corpus.documents_per_source,
-        "train_documents": len(corpus.train),
+        **data.summary,
         "heldout_documents": len(corpus.heldout),
-        "train_tokens": sum(len(d.ids) for d in documents),
-        "packed_rows": len(train),
-        "pack_fill": train.fill_ratio(max_length),
         "lexicon_words": len(lexicon),
         "attention": setup.attention,
         **distributed.split_batch(config.training.batch_size, config.training.gradient_accumulation).report(),
