@@ -82,3 +82,13 @@ def test_base_config_builds_modernbert_base_geometry():
         model = ModernBertForMaskedLM(config)
     params = sum(p.numel() for p in model.parameters())
     assert 145e6 < params < 155e6  # ModernBERT-base: 149M
+
+
+def test_step_schedule_counts_optimizer_steps_from_global_batches():
+    from cmft.finetuning.config import TrainingConfig, step_schedule
+
+    plan = step_schedule(TrainingConfig(epochs=3, gradient_accumulation=2, log_every=10), 101)
+    assert plan == (152, 51, 51, 10)  # ceil(3 × 101 / 2) steps; one evaluation per epoch of 51 steps
+    short = step_schedule(TrainingConfig(max_steps=20, eval_every=7, log_every=50), 101)
+    assert (short.max_steps, short.eval_every, short.log_every) == (20, 7, 20)
+    assert step_schedule(TrainingConfig(max_steps=5), 1000).eval_every == 5  # never beyond the last step

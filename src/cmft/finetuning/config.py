@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, NamedTuple
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
@@ -73,6 +74,23 @@ class TrainingConfig(StrictModel):
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ddp replicates the model on each process; fsdp shards it (CUDA GPUs only). batch_size
     stays the global micro-batch, divided across the processes."""
+
+
+class StepSchedule(NamedTuple):
+    max_steps: int
+    steps_per_epoch: int
+    eval_every: int
+    """Evaluate (and checkpoint) every this many optimizer steps."""
+    log_every: int
+
+
+def step_schedule(t: TrainingConfig, batches_per_epoch: int) -> StepSchedule:
+    """Optimizer steps from `batches_per_epoch` (global batches): `max_steps` or `epochs` passes; evaluation every
+    `eval_every` steps or once per epoch; nothing beyond the last step."""
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / t.gradient_accumulation))
+    max_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation))
+    return StepSchedule(max_steps, steps_per_epoch, min(t.eval_every or steps_per_epoch, max_steps),
+                        min(t.log_every, max_steps))  # fmt: skip
 
 
 class ClassificationConfig(StrictModel):

@@ -18,7 +18,7 @@ from cmft import distributed
 from cmft.checkpointing import SafeTrainerMixin, resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
-from cmft.finetuning.config import RecipeConfig
+from cmft.finetuning.config import RecipeConfig, step_schedule
 from cmft.finetuning.lora import wrap_lora
 from cmft.modeling import check_model_source, hub_error, resolve_attention
 from cmft.runs import finish_run
@@ -118,13 +118,6 @@ def _predict(trainer: Trainer, dataset: list[dict]) -> tuple[np.ndarray, np.ndar
     return np.asarray(logits), np.asarray(output.label_ids)
 
 
-def _steps(recipe: RecipeConfig, n_train: int) -> int:
-    t = recipe.training
-    if t.max_steps is not None:
-        return t.max_steps
-    return max(1, math.ceil(t.epochs * math.ceil(n_train / t.batch_size) / t.gradient_accumulation))
-
-
 def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -> Path:
     """Train in `work` (the `.partial` folder) and rename it to `final` when everything is written."""
     if recipe.task == "retrieval":  # sentence-transformers' own trainer and losses
@@ -199,14 +192,12 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
 def _build_trainer(recipe, task, model, tokenizer, head_modules, work: Path) -> FinetuneTrainer:
     t = recipe.training
     has_dev = "dev" in task.datasets
-    max_steps = _steps(recipe, len(task.datasets["train"]))
-    steps_per_epoch = max(1, math.ceil(len(task.datasets["train"]) / (t.batch_size * t.gradient_accumulation)))
-    eval_every = min(t.eval_every or steps_per_epoch, max_steps)
+    max_steps, _, eval_every, log_every = step_schedule(t, math.ceil(len(task.datasets["train"]) / t.batch_size))
     args = training_arguments(
         work / "checkpoints", max_steps=max_steps, batch_size=t.batch_size,
         gradient_accumulation=t.gradient_accumulation, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, max_grad_norm=1.0,
-        log_every=min(t.log_every, max_steps), save_every=eval_every, save_total_limit=t.save_total_limit,
+        log_every=log_every, save_every=eval_every, save_total_limit=t.save_total_limit,
         seed=recipe.seed, bf16=t.bf16, distributed=t.distributed,
     )  # fmt: skip
     args.per_device_eval_batch_size = t.eval_batch_size

@@ -20,7 +20,7 @@ from cmft.checkpointing import SafeTrainerMixin, resume_point
 from cmft.config import dump_config
 from cmft.data.retrieval import RetrievalSplit, read_retrieval_split
 from cmft.errors import CmftError
-from cmft.finetuning.config import RecipeConfig
+from cmft.finetuning.config import RecipeConfig, step_schedule
 from cmft.finetuning.engine import resolve_encoder
 from cmft.finetuning.lora import wrap_lora
 from cmft.modeling import resolve_attention
@@ -143,14 +143,12 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     batches = math.ceil(len(rows) / t.batch_size)
     if settings.group_by_length:  # rows sharing a text (e.g. "None.") need separate batches
         batches = len(GroupedNoDuplicatesBatchSampler(train_dataset, t.batch_size, drop_last=False, seed=recipe.seed))
-    steps_per_epoch = max(1, math.ceil(batches / t.gradient_accumulation))
-    max_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    eval_every = min(t.eval_every or steps_per_epoch, max_steps)
+    max_steps, _, eval_every, log_every = step_schedule(t, batches)
     args = training_arguments(
         work / "checkpoints", max_steps=max_steps, batch_size=t.batch_size,
         gradient_accumulation=t.gradient_accumulation, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, max_grad_norm=1.0,
-        log_every=min(t.log_every, max_steps), save_every=eval_every, save_total_limit=t.save_total_limit,
+        log_every=log_every, save_every=eval_every, save_total_limit=t.save_total_limit,
         seed=recipe.seed, bf16=t.bf16, distributed=t.distributed, cls=SentenceTransformerTrainingArguments,
         # a duplicate text in a batch would be a false negative; grouping by length saves most of the padding
         batch_sampler=GroupedNoDuplicatesBatchSampler if settings.group_by_length else BatchSamplers.NO_DUPLICATES,
