@@ -50,3 +50,49 @@ def test_the_band_is_the_window_and_nothing_else(models):
         v2[:, :, 40 + distance] += 1.0
         out, _ = banded_attention(layer, q, k, v2, mask, 0.3)
         assert bool((out[0, 40] - base[0, 40]).abs().max() > 1e-6) is changes, distance
+
+
+@pytest.mark.parametrize("length", [9, 40, 130])
+def test_export_forms_compute_what_the_model_computes(models, length):
+    """The split-weight, matmul-rotation forms traced by `cmft export` give the model's own outputs, and the
+    model is left exactly as it was."""
+    from cmft.onnx_forms import export_forms
+
+    sdpa, banded = models
+    generator = torch.Generator().manual_seed(length)
+    ids = torch.randint(5, banded.config.vocab_size, (2, length), generator=generator)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, length // 2 :] = 0
+    before = {name: tensor.clone() for name, tensor in banded.state_dict().items()}
+    with torch.no_grad():
+        expected = sdpa(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = banded(input_ids=ids, attention_mask=mask).last_hidden_state
+        with export_forms(banded) as switched:
+            assert switched == 2 * banded.config.num_hidden_layers
+            formed = banded(input_ids=ids, attention_mask=mask).last_hidden_state
+        after = banded(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert (formed - expected).abs()[real].max().item() < 2e-5
+    assert torch.equal(after, plain)
+    assert banded.state_dict().keys() == before.keys()
+    assert all(torch.equal(banded.state_dict()[name], tensor) for name, tensor in before.items())
+    assert all("forward" not in vars(module) for module in banded.modules())
+
+
+def test_rotation_matrix_is_rotate_half():
+    from transformers.models.modernbert.modeling_modernbert import rotate_half
+
+    from cmft.onnx_forms import _rotation
+
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(x @ _rotation(64), rotate_half(x))
+
+
+def test_export_forms_leave_other_encoders_alone(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from cmft.onnx_forms import export_forms
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))
+    with export_forms(model) as switched:
+        assert switched == 0

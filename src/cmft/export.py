@@ -27,6 +27,7 @@ from cmft.config import StrictModel, load_config
 from cmft.errors import CmftError
 from cmft.inference import MANIFEST, Loaded, Unit, load_run
 from cmft.metrics import PRIMARY_METRIC
+from cmft.onnx_forms import export_forms
 from cmft.paths import resolve_bundled
 from cmft.predict import OnnxBackend, TorchBackend
 
@@ -198,7 +199,7 @@ def _trace(loaded: Loaded, path: Path, config: ExportConfig) -> None:
     ids, mask = _sample(loaded, config.trace_length, 2, seed=0)
     axes = {0: "batch", 1: "chunks", 2: "sequence"} if ids.ndim == 3 else {0: "batch", 1: "sequence"}
     output_axes = {0: "batch", 1: "sequence"} if loaded.task in ("ner", "encoder") else {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), export_forms(loaded.module):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             loaded.module, (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
