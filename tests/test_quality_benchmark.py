@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -25,3 +27,48 @@ def test_quality_benchmark_smoke_mode(tiny_encoder, tmp_path):
         assert row["metric"] == "macro_f1" and 0.0 <= row["mean"] <= 1.0 and row["seconds"] > 0
         assert len(row["values"]) == 1 and row["spread"] == 0.0
     assert chart.is_file() and chart.stat().st_size > 1000
+
+
+def load_quality_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_results_file_resumes_without_rerunning(tiny_encoder, tmp_path, monkeypatch):
+    quality = load_quality_module()
+    results = tmp_path / "quality.jsonl"
+    encoders = {"pretrained": str(tiny_encoder), "random": str(tiny_encoder), "minilm": str(tiny_encoder)}
+    calls = []
+
+    def fake_cmft_row(task, encoder, seed, extra, out):
+        calls.append((task, seed))
+        return 0.25 + seed / 1000, 1.5
+
+    monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
+    first = quality.run_task("ner", encoders, [1, 2], False, tmp_path, ("tiny_pretrained",),
+                             quality.ResultStore(results, fresh=False))  # fmt: skip
+    assert calls == [("ner", 1), ("ner", 2)]
+    assert len(results.read_text().splitlines()) == 2
+    # A new process (a new store read from the file) runs only the missing seed.
+    again = quality.run_task("ner", encoders, [1, 2, 3], False, tmp_path, ("tiny_pretrained",),
+                             quality.ResultStore(results, fresh=False))  # fmt: skip
+    assert calls == [("ner", 1), ("ner", 2), ("ner", 3)]
+    assert again["rows"]["tiny_pretrained"]["values"][:2] == first["rows"]["tiny_pretrained"]["values"]
+    # --fresh ignores the file; an encoder whose weights changed is not reused.
+    quality.run_task("ner", encoders, [1], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, True))
+    assert calls[-1] == ("ner", 1) and len(calls) == 4
+    copy = tmp_path / "encoder"
+    shutil.copytree(tiny_encoder, copy)
+    moved = {**encoders, "pretrained": str(copy)}
+    quality.run_task("ner", moved, [2], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, False))
+    assert len(calls) == 5
+    quality.run_task("ner", moved, [2], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, False))
+    assert len(calls) == 5
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 10))
+    quality.run_task("ner", moved, [2], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, False))
+    assert len(calls) == 6
