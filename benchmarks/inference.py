@@ -2,14 +2,14 @@
 
 For each head (note classification, NER, ICD coding, retrieval) a run is fine-tuned briefly from the encoder
 (or taken from --run TASK=DIR), exported with `cmft export --onnx --quantize int8`, and timed on a batch of
-8 × 256 tokens and on one 2,048-token note (median of repeated runs after warm-up, the engines taking turns, same
-thread count for both). The int8 metric loss is the dev metric before and after quantisation, from the export's
-parity.json. Each shape also gets onnxruntime's own profile of the fp32 and int8 graphs: the milliseconds spent in
-matrix-multiply kernels and in everything else, and the speed-up over torch that would remain if only the
-matrix multiplies ran (`batch8x256_matmul_bound`: the lowest over heads).
+8 × 256 tokens and on one 2,048-token note (median over three rounds in which each engine warms up and runs
+several times in a row; same thread count for both). The int8 metric loss is the dev metric before and after
+quantisation, from the export's parity.json. Each shape also gets onnxruntime's own profile of the fp32 and
+int8 graphs: the milliseconds spent in matrix-multiply kernels and in everything else, and the speed-up over
+torch that would remain if only the matrix multiplies ran (`batch8x256_matmul_bound`: the lowest over heads).
 
     python benchmarks/inference.py [--encoder runs/pretrain/latest/model] [--steps 60] [--threads 2]
-        [--run note_classification=runs/finetune/...] [--repeats 10]
+        [--run note_classification=runs/finetune/...] [--repeats 12]
 
 Prints one JSON line last: {"min_speedup_fp32", "min_speedup_int8", "max_int8_metric_loss",
 "batch8x256_matmul_bound", "heads": {...}}.
@@ -46,17 +46,20 @@ def inputs(vocabulary: int, batch: int, length: int) -> tuple[np.ndarray, np.nda
     return ids, np.ones_like(ids)
 
 
-def timed(engines: dict, ids: np.ndarray, mask: np.ndarray, repeats: int) -> dict[str, float]:
-    """Median latency per engine; the engines take turns, so a slow spell on a shared machine hits them all."""
-    for engine in engines.values():
-        for _ in range(2):
-            engine(ids, mask)
+def timed(engines: dict, ids: np.ndarray, mask: np.ndarray, repeats: int, rounds: int = 3) -> dict[str, float]:
+    """Median latency per engine over `rounds` rounds; in each round every engine runs a warm-up and then
+    `repeats` times in a row. Rounds spread a slow spell on a shared machine over all engines; runs within a round
+    stay consecutive because each engine's idle worker threads spin for a while after a call and would slow the
+    next engine down if engines alternated call by call."""
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, engine in engines.items():
-            started = time.perf_counter()
-            engine(ids, mask)
-            times[name].append(time.perf_counter() - started)
+            for _ in range(2):
+                engine(ids, mask)
+            for _ in range(max(1, repeats // rounds)):
+                started = time.perf_counter()
+                engine(ids, mask)
+                times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -122,7 +125,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="runs/pretrain/latest/model")
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps per head when no --run is given")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--run", action="append", default=[], help="TASK=RUN_DIR: use this finished run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
