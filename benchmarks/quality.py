@@ -42,6 +42,7 @@ from cmft.finetuning.run import finetune, load_recipe  # noqa: E402
 from cmft.metrics import PRIMARY_METRIC  # noqa: E402
 
 METRIC = PRIMARY_METRIC
+RANDOM_MARKER = "random_init.json"
 ROWS = ("tiny_random", "tiny_pretrained", "minilm_cmft_full", "minilm_cmft_lora", "minilm_hf")
 
 
@@ -53,6 +54,8 @@ def random_encoder(pretrained: Path, folder: Path) -> Path:
     model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(pretrained))
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(pretrained).save_pretrained(folder)
+    # the same initialisation every time: name it by its source, not by this temporary folder
+    (folder / RANDOM_MARKER).write_text(json.dumps({"random_init_of": encoder_key(str(pretrained)), "seed": 0}))
     return folder
 
 
@@ -70,7 +73,10 @@ def hf_row(task: str, encoder: str, seed: int, budget: dict, out: Path) -> tuple
 
 
 def encoder_key(path: str) -> str:
-    """What identifies an encoder across runs: its folder and the weights' size and modification time."""
+    """What identifies an encoder across runs: its folder and the weights' size and modification time (for a
+    random initialisation made by `random_encoder`: its source encoder and seed)."""
+    if (Path(path) / RANDOM_MARKER).is_file():
+        return hashlib.sha256((Path(path) / RANDOM_MARKER).read_bytes()).hexdigest()[:16]
     weights = sorted(Path(path).glob("*.safetensors"))
     stamp = [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]
     return hashlib.sha256(json.dumps([str(Path(path).resolve()), stamp]).encode()).hexdigest()[:16]

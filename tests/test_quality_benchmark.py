@@ -72,3 +72,19 @@ def test_quality_results_file_resumes_without_rerunning(tiny_encoder, tmp_path, 
     os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 10))
     quality.run_task("ner", moved, [2], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, False))
     assert len(calls) == 6
+
+
+def test_random_encoder_has_a_stable_key(tiny_encoder, tmp_path):
+    """Each run builds the random-initialisation row's encoder afresh in a temporary folder; its results must still
+    be found again, and must change when the source encoder does."""
+    quality = load_quality_module()
+    first = quality.random_encoder(tiny_encoder, tmp_path / "a")
+    second = quality.random_encoder(tiny_encoder, tmp_path / "b")
+    assert quality.encoder_key(str(first)) == quality.encoder_key(str(second))
+    assert quality.encoder_key(str(first)) != quality.encoder_key(str(tiny_encoder))
+    copy = tmp_path / "source"
+    shutil.copytree(tiny_encoder, copy)
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 10))
+    third = quality.random_encoder(copy, tmp_path / "c")
+    assert quality.encoder_key(str(third)) != quality.encoder_key(str(first))
