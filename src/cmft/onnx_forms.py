@@ -77,7 +77,7 @@ def export_forms(model: nn.Module) -> Iterator[int]:
 
     switched: list[nn.Module] = []
     try:
-        for module in model.modules():
+        for module in list(model.modules()):  # a fixed list: the loop adds submodules
             if isinstance(module, ModernBertAttention):
                 module.cmft_qkv = _blocks(module.Wqkv, 3)
                 module.forward = types.MethodType(_attention_forward, module)
