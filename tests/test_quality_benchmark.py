@@ -58,6 +58,13 @@ def test_quality_results_file_resumes_without_rerunning(tiny_encoder, tmp_path, 
                              quality.ResultStore(results, fresh=False))  # fmt: skip
     assert calls == [("ner", 1), ("ner", 2), ("ner", 3)]
     assert again["rows"]["tiny_pretrained"]["values"][:2] == first["rows"]["tiny_pretrained"]["values"]
+    # --saved-only trains nothing: it reports the saved seeds and leaves out rows with none.
+    saved = quality.run_task("ner", encoders, [1, 2, 3, 4], False, tmp_path, ("tiny_pretrained", "tiny_random"),
+                             quality.ResultStore(results, fresh=False), saved_only=True)  # fmt: skip
+    assert len(calls) == 3 and list(saved["rows"]) == ["tiny_pretrained"]
+    assert saved["rows"]["tiny_pretrained"]["values"] == [0.251, 0.252, 0.253]
+    table = quality.markdown_table({"ner": saved}).splitlines()
+    assert table[2] == "| ner (f1) | tiny_pretrained | 0.252 ± 0.001 | 3 | 0 min 02 s |"
     # --fresh ignores the file; an encoder whose weights changed is not reused.
     quality.run_task("ner", encoders, [1], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, True))
     assert calls[-1] == ("ner", 1) and len(calls) == 4
