@@ -45,6 +45,7 @@ from cmft.metrics import PRIMARY_METRIC  # noqa: E402
 METRIC = PRIMARY_METRIC
 RANDOM_MARKER = "random_init.json"
 ROWS = ("tiny_random", "tiny_pretrained", "minilm_cmft_full", "minilm_cmft_lora", "minilm_hf")
+COLORS = dict(zip(ROWS, ("#bbb", "#6a9", "#48c", "#8ad", "#c84"), strict=True))  # a row keeps its colour
 LORA_LEARNING_RATE = 1e-3  # the shipped *_lora recipes' rate, for tasks that have no LoRA recipe of their own
 
 
@@ -181,7 +182,7 @@ def chart(tasks: dict, path: Path) -> None:
     for ax, (task, result) in zip(axes[0], tasks.items(), strict=True):
         rows = result["rows"]
         ax.bar(range(len(rows)), [r["mean"] for r in rows.values()], yerr=[r["spread"] for r in rows.values()],
-               color=["#bbb", "#6a9", "#48c", "#8ad", "#c84"][: len(rows)])  # fmt: skip
+               color=[COLORS[row] for row in rows])  # fmt: skip
         ax.set_xticks(range(len(rows)), list(rows), rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{task} ({METRIC[task]})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
