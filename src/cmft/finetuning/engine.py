@@ -60,6 +60,38 @@ def load_tokenizer(encoder: str, trust_remote_code: bool):
         raise hub_error(encoder, "model.encoder", exc) from None
 
 
+def tokens_per_pass(recipe: RecipeConfig) -> tuple[int, str]:
+    """The longest token sequence one forward pass gets, and the recipe key that sets it."""
+    if recipe.task == "icd_coding" and recipe.icd_coding.mode == "chunked":
+        return recipe.icd_coding.chunk_size, "icd_coding.chunk_size"
+    return recipe.training.max_length, "training.max_length"
+
+
+def check_positions(recipe: RecipeConfig, encoder: str) -> None:
+    """An encoder with absolute position embeddings (BERT, RoBERTa) fails deep inside the model on a sequence
+    longer than its position table (an index error on CPU, a device assert on GPU): say so before anything is
+    trained, with the ways out. A rotary encoder (ModernBERT) runs past its configured length: only warn."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(encoder, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise hub_error(encoder, "model.encoder", exc) from None
+    limit = getattr(config, "max_position_embeddings", None)
+    length, key = tokens_per_pass(recipe)
+    if limit is None or length <= limit:
+        return
+    rotary = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
+    if rotary:
+        log.warning("%s (%d) is longer than the encoder's max_position_embeddings (%d): rotary positions past the "
+                    "trained length", key, length, limit)  # fmt: skip
+        return
+    way_out = f"set {key}={limit} or less"
+    if recipe.task == "icd_coding" and key == "training.max_length":
+        way_out += f", or read the note in segments: icd_coding.mode=chunked icd_coding.chunk_size={min(512, limit)}"
+    raise CmftError(f"{key} ({length}) is longer than the encoder's max_position_embeddings ({limit}); {way_out}")
+
+
 class FinetuneTrainer(SafeTrainerMixin, Trainer):
     """HF Trainer with the task's loss, a separate learning rate for the head, and tokens/s in the log."""
 
@@ -133,6 +165,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     attention = resolve_attention(recipe.model.attention)
     if recipe.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
+    check_positions(recipe, encoder)
     tokenizer = load_tokenizer(encoder, recipe.model.trust_remote_code)
     task = get_task(recipe)
     task.prepare(tokenizer)

@@ -21,7 +21,7 @@ from cmft.config import dump_config
 from cmft.data.retrieval import RetrievalSplit, read_retrieval_split
 from cmft.errors import CmftError
 from cmft.finetuning.config import RecipeConfig, step_schedule
-from cmft.finetuning.engine import resolve_encoder
+from cmft.finetuning.engine import check_positions, resolve_encoder
 from cmft.finetuning.lora import wrap_lora
 from cmft.modeling import resolve_attention
 from cmft.runs import finish_run
@@ -106,6 +106,7 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     attention = resolve_attention(recipe.model.attention)
     if recipe.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
+    check_positions(recipe, encoder)
     splits = read_splits(recipe)
     report: dict[str, Any] = {
         "encoder": encoder,
