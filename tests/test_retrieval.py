@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -126,10 +127,36 @@ def test_duplicate_corpus_id(tmp_path):
         read_retrieval_split(DataConfig(train=str(folder), test=str(folder)), "test", RetrievalConfig())
 
 
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def retrieval_run(tiny_encoder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("retrieval") / "run"
-    return finetune("retrieval", [f"model.encoder={tiny_encoder}", *QUICK], output_dir=out)
+    errors = _Errors()
+    logging.getLogger("sentence_transformers").addHandler(errors)
+    try:
+        run = finetune("retrieval", [f"model.encoder={tiny_encoder}", *QUICK], output_dir=out)
+    finally:
+        logging.getLogger("sentence_transformers").removeHandler(errors)
+    (run.parent / "errors.json").write_text(json.dumps(errors.messages))
+    return run
+
+
+def test_best_dev_checkpoint_is_the_saved_model(retrieval_run):
+    """Full tuning keeps the checkpoint with the best dev ndcg@10: sentence-transformers' trainer loads it at the
+    end (it once failed there, logged only as an error, and the last step's weights were saved instead)."""
+    assert json.loads((retrieval_run.parent / "errors.json").read_text()) == []
+    history = [json.loads(line) for line in (retrieval_run / "history.jsonl").read_text().splitlines()]
+    best = max(row["eval_ndcg@10"] for row in history if "eval_ndcg@10" in row)
+    metrics = json.loads((retrieval_run / "metrics.json").read_text())
+    assert metrics["dev_ndcg@10"] == pytest.approx(best, abs=1e-6)
 
 
 def test_retrieval_recipe_end_to_end(retrieval_run):

@@ -163,7 +163,9 @@ class SafeTrainerMixin:
         self._loss_floor = state.get("loss_floor")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # sentence-transformers' trainer takes the path only (and calls it so to load the best model at the end)
+        args = (resume_from_checkpoint,) if model is None else (resume_from_checkpoint, model)
+        super()._load_from_checkpoint(*args)
         path = Path(resume_from_checkpoint) / CMFT_STATE
         if path.is_file():
             self.load_cmft_state(json.loads(path.read_text(encoding="utf-8")))
