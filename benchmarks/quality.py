@@ -82,9 +82,10 @@ def segment_overrides(task: str, encoder: str, budget: dict) -> list[str]:
     shorter (BERT: 512) reads the same budget the PLM-ICD way instead, in segments of 256 tokens."""
     from transformers import AutoConfig
 
+    from cmft.finetuning.engine import rotary_positions
+
     config = AutoConfig.from_pretrained(encoder)
-    rotary = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
-    if task != "icd_coding" or rotary or budget["max_length"] <= config.max_position_embeddings:
+    if task != "icd_coding" or rotary_positions(config) or budget["max_length"] <= config.max_position_embeddings:
         return []
     chunks = budget["max_length"] // 256
     return ["icd_coding.mode=chunked", "icd_coding.chunk_size=256", f"icd_coding.max_chunks={chunks}"]

@@ -188,6 +188,14 @@ def validate_bert_retrieval_too_long(w):
 
 
 @case
+def validate_broken_encoder_config(w):
+    encoder = w.copy_model(w.encoder, "broken_config")
+    config = json.loads((encoder / "config.json").read_text(encoding="utf-8"))
+    (encoder / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel"}), encoding="utf-8")
+    return ["validate", "ner", f"model.encoder={encoder}"], ["broken_config", "no usable config.json"]
+
+
+@case
 def finetune_huge_chunk_size(w):
     return ["finetune", "icd_coding", w.enc, "icd_coding.chunk_size=100000", *w.out()], ["icd_coding.chunk_size"]
 

@@ -67,22 +67,29 @@ def tokens_per_pass(recipe: RecipeConfig) -> tuple[int, str]:
     return recipe.training.max_length, "training.max_length"
 
 
+def rotary_positions(config: Any) -> bool:
+    """Whether a model config places tokens by rotary embeddings (ModernBERT), not by an absolute position table."""
+    return bool(getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None))
+
+
 def check_positions(recipe: RecipeConfig, encoder: str) -> None:
     """An encoder with absolute position embeddings (BERT, RoBERTa) fails deep inside the model on a sequence
     longer than its position table (an index error on CPU, a device assert on GPU): say so before anything is
-    trained, with the ways out. A rotary encoder (ModernBERT) runs past its configured length: only warn."""
+    trained, with the ways out (this load also checks that the config is readable). A rotary encoder (ModernBERT)
+    runs past its configured length: only warn."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(encoder, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as exc:
+        if Path(encoder).is_dir():
+            raise CmftError(f"model.encoder: {encoder}: no usable config.json there ({type(exc).__name__})") from None
         raise hub_error(encoder, "model.encoder", exc) from None
     limit = getattr(config, "max_position_embeddings", None)
     length, key = tokens_per_pass(recipe)
     if limit is None or length <= limit:
         return
-    rotary = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
-    if rotary:
+    if rotary_positions(config):
         log.warning("%s (%d) is longer than the encoder's max_position_embeddings (%d): rotary positions past the "
                     "trained length", key, length, limit)  # fmt: skip
         return

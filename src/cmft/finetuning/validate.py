@@ -30,8 +30,5 @@ def validate_recipe(recipe: str, overrides: list[str]) -> str:
         return f"ok: retrieval recipe; encoder {encoder}; {sizes}"
     task = get_task(config)
     task.prepare(tokenizer)
-    from transformers import AutoConfig
-
-    AutoConfig.from_pretrained(encoder, trust_remote_code=config.model.trust_remote_code)
     sizes = ", ".join(f"{name} {len(rows)}" for name, rows in task.datasets.items())
     return f"ok: {config.task} recipe; encoder {encoder}; {len(task.labels)} labels; examples: {sizes}"
