@@ -142,10 +142,8 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
     check_positions(recipe, encoder)
     splits = read_splits(recipe)
-    report: dict[str, Any] = {
-        "encoder": encoder,
-        **distributed.split_batch(recipe.training.batch_size, recipe.training.gradient_accumulation).report(),
-    }
+    batch_split = distributed.split_batch(recipe.training.batch_size, recipe.training.gradient_accumulation)
+    report: dict[str, Any] = {"encoder": encoder, **batch_split.report()}
     for split in splits.values():
         report |= split.counts()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -171,10 +169,9 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     gather = distributed.launched()
     loss_kind, mini_batch = settings.loss, settings.mini_batch_size
     if device == "cpu":
-        per_device = distributed.split_batch(t.batch_size, t.gradient_accumulation).per_device
-        per_text = activation_bytes(model[0].model.config, t.max_length)
-        loss_kind, mini_batch, why = fit_loss(loss_kind, mini_batch, per_device, len(train_dataset.column_names),
-                                              per_text, available_memory())  # fmt: skip
+        per_text, texts_per_row = activation_bytes(model[0].model.config, t.max_length), len(train_dataset.column_names)
+        loss_kind, mini_batch, why = fit_loss(loss_kind, mini_batch, batch_split.per_device, texts_per_row, per_text,
+                                              available_memory())  # fmt: skip
         if why:
             log.warning(why)
             report["loss"] = f"cached (chosen for memory), mini_batch_size {mini_batch}"
