@@ -106,6 +106,19 @@ def test_two_process_finetuning_smoke(tiny_encoder, tmp_path):
     assert (out / "model" / "config.json").is_file()
 
 
+def test_two_process_retrieval_smoke(tiny_encoder, tmp_path):
+    # in-batch negatives gathered across processes; rank 0 decides the loss for both (memory check)
+    out = tmp_path / "runs" / "ret"
+    result = run_torchrun("finetune", "retrieval", f"model.encoder={tiny_encoder}", "training.max_steps=2",
+                          "training.eval_every=2", "training.max_length=64", "training.batch_size=8",
+                          "training.threads=1", "data.test=null", "--output-dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8 and metrics["per_device_batch_size"] == 4
+    assert "loss" not in metrics  # 4 rows × 64 tokens of the tiny model fit: in_batch stands
+    assert (out / "model" / "modules.json").is_file()  # a sentence-transformers folder, written once
+
+
 def test_a_batch_that_does_not_split_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(CmftError, match="training.batch_size: 4 rows cannot be split evenly across 3 processes"):

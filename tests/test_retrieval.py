@@ -263,6 +263,21 @@ def test_in_batch_loss_that_would_not_fit_becomes_cached():
     assert fit_loss("in_batch", 16, 32, 3, 10 * gib, 1 * gib)[:2] == ("cached", 1)
 
 
+def test_processes_on_one_machine_share_its_free_memory(monkeypatch):
+    from cmft.finetuning import retrieval_engine
+    from cmft.finetuning.retrieval_engine import fit_loss, memory_share
+
+    gib = 2**30
+    monkeypatch.setattr(retrieval_engine, "available_memory", lambda: 22 * gib)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory_share() == 22 * gib
+    # MiniLM at 256 tokens: 32 rows × 2 texts × 0.1 GiB fit one process, not each of 4 torchrun processes
+    assert fit_loss("in_batch", 16, 32, 2, int(0.1 * gib), memory_share())[0] == "in_batch"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert memory_share() == 22 * gib // 4
+    assert fit_loss("in_batch", 16, 32, 2, int(0.1 * gib), memory_share())[:2] == ("cached", 27)
+
+
 def _saved_for_backward(encoder: str, length: int) -> tuple[int, int]:
     """(bytes autograd keeps for one MultipleNegativesRankingLoss step of 4 pairs at `length` tokens, parameters
     aside; the estimate for those 8 texts)."""

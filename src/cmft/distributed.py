@@ -28,6 +28,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """Processes torchrun started on this machine (1 without it): they share its memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

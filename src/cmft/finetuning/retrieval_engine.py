@@ -73,12 +73,18 @@ def activation_bytes(config, length: int) -> int:
 
 
 def available_memory() -> int:
+    """Free memory on this machine, in bytes."""
     try:
         import psutil
 
         return int(psutil.virtual_memory().available)
     except ImportError:  # psutil comes with accelerate; this is the fallback
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_share() -> int:
+    """This process's share of the free memory: torchrun's processes on one machine train side by side."""
+    return available_memory() // distributed.local_world_size()
 
 
 def fit_loss(loss: str, mini_batch: int, batch: int, texts_per_row: int, per_text: int, available: int
@@ -170,8 +176,9 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     loss_kind, mini_batch = settings.loss, settings.mini_batch_size
     if device == "cpu":
         per_text, texts_per_row = activation_bytes(model[0].model.config, t.max_length), len(train_dataset.column_names)
-        loss_kind, mini_batch, why = fit_loss(loss_kind, mini_batch, batch_split.per_device, texts_per_row, per_text,
-                                              available_memory())  # fmt: skip
+        # rank 0 decides for all: processes must agree on the loss (they gather each other's embeddings)
+        loss_kind, mini_batch, why = distributed.agree(lambda: fit_loss(
+            loss_kind, mini_batch, batch_split.per_device, texts_per_row, per_text, memory_share()))  # fmt: skip
         if why:
             log.warning(why)
             report["loss"] = f"cached (chosen for memory), mini_batch_size {mini_batch}"
