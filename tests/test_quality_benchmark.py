@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -65,20 +64,28 @@ def test_quality_results_file_resumes_without_rerunning(tiny_encoder, tmp_path, 
     assert saved["rows"]["tiny_pretrained"]["values"] == [0.251, 0.252, 0.253]
     table = quality.markdown_table({"ner": saved}).splitlines()
     assert table[2] == "| ner (f1) | tiny_pretrained | 0.252 ± 0.001 | 3 | 0 min 02 s |"
-    # --fresh ignores the file; an encoder whose weights changed is not reused.
+    # --fresh ignores the file.
     quality.run_task("ner", encoders, [1], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, True))
     assert calls[-1] == ("ner", 1) and len(calls) == 4
+    # The same encoder in another folder (a new clone, a reinstalled package) is the same encoder: reused.
     copy = tmp_path / "encoder"
     shutil.copytree(tiny_encoder, copy)
     moved = {**encoders, "pretrained": str(copy)}
     quality.run_task("ner", moved, [2], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, False))
-    assert len(calls) == 5
-    quality.run_task("ner", moved, [2], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, False))
-    assert len(calls) == 5
+    assert len(calls) == 4
+    # Weights that changed make a new encoder: trained again, but --saved-only still reports the latest result.
     weights = next(copy.glob("*.safetensors"))
-    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 10))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
     quality.run_task("ner", moved, [2], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, False))
-    assert len(calls) == 6
+    assert len(calls) == 5
+    quality.run_task("ner", moved, [2], False, tmp_path, ("tiny_pretrained",), quality.ResultStore(results, False))
+    assert len(calls) == 5
+    gone = {"minilm": str(tiny_encoder)}  # a clone without the pretraining run: the tiny rows are still reported
+    saved = quality.run_task("ner", gone, [1, 2, 3], False, tmp_path, ("tiny_pretrained",),
+                             quality.ResultStore(results, fresh=False), saved_only=True)  # fmt: skip
+    assert saved["rows"]["tiny_pretrained"]["values"] == [0.251, 0.252, 0.253] and len(calls) == 5
 
 
 def test_random_encoder_has_a_stable_key(tiny_encoder, tmp_path):
@@ -89,12 +96,17 @@ def test_random_encoder_has_a_stable_key(tiny_encoder, tmp_path):
     second = quality.random_encoder(tiny_encoder, tmp_path / "b")
     assert quality.encoder_key(str(first)) == quality.encoder_key(str(second))
     assert quality.encoder_key(str(first)) != quality.encoder_key(str(tiny_encoder))
+    # Its weights are made from the source's architecture and tokenizer, not its trained weights.
     copy = tmp_path / "source"
     shutil.copytree(tiny_encoder, copy)
     weights = next(copy.glob("*.safetensors"))
-    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 10))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     third = quality.random_encoder(copy, tmp_path / "c")
-    assert quality.encoder_key(str(third)) != quality.encoder_key(str(first))
+    assert quality.encoder_key(str(third)) == quality.encoder_key(str(first))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    fourth = quality.random_encoder(copy, tmp_path / "d")
+    assert quality.encoder_key(str(fourth)) != quality.encoder_key(str(first))
 
 
 def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkeypatch):
