@@ -39,7 +39,8 @@ def test_ablation_resumes_and_pairs_seeds(tmp_path, monkeypatch, capsys):
         weight = 2.0 if "masking.medical_weight=2.0" in overrides else 1.0
         pretrained.append((output_dir.name, resume))
         (output_dir / "model").mkdir(parents=True)
-        (output_dir / "model" / "model.safetensors").write_bytes(b"weights")
+        (output_dir / "model" / "config.json").write_text(json.dumps({"model_type": "modernbert"}))
+        (output_dir / "model" / "model.safetensors").write_bytes(f"weights {weight}".encode())
         top1 = {"mlm_top1": 0.40, "mlm_top5": 0.5, "mlm_top1_medical": 0.2 + 0.03 * weight, "mlm_top1_other": 0.45}
         (output_dir / "metrics.json").write_text(json.dumps(top1))
         (output_dir / "summary.json").write_text(json.dumps({"main_medical_share_of_masked": 0.2 * weight,
