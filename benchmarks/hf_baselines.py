@@ -22,19 +22,57 @@ from transformers import (
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 
 
+SAVE_STEPS = 20  # a checkpoint every 20 steps (the last one kept), so a run cut off resumes where it was
+ELAPSED = "elapsed.json"
+
+
 def _args(out: Path, epochs: float, seed: int, max_steps: int | None) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps or -1, per_device_train_batch_size=16,
-        per_device_eval_batch_size=32, learning_rate=5e-5, seed=seed, save_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), logging_steps=50,
+        per_device_eval_batch_size=32, learning_rate=5e-5, seed=seed, save_strategy="steps", save_steps=SAVE_STEPS,
+        save_total_limit=1, report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available(), logging_steps=50,
     )  # fmt: skip
+
+
+class _Elapsed(TrainerCallback):
+    """Records, beside each checkpoint, the training seconds spent up to it (over every resumed part)."""
+
+    def __init__(self, out: Path, before: float) -> None:
+        self.out, self.before, self.started = out, before, time.monotonic()
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        record = {"checkpoint": f"checkpoint-{state.global_step}", "seconds": self.seconds()}
+        (self.out / ELAPSED).write_text(json.dumps(record))
+
+
+def _train(trainer: Trainer, out: Path) -> tuple[float, float]:
+    """Train, resuming from the last checkpoint under `out` when a previous run was cut off. Returns the training
+    seconds of every part and those of the earlier parts (work lost after the last checkpoint is not counted: it is
+    done again)."""
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    before = 0.0
+    if last and (out / ELAPSED).is_file():
+        record = json.loads((out / ELAPSED).read_text())
+        before = record["seconds"] if record["checkpoint"] == Path(last).name else 0.0
+    if last:
+        print(f"resuming the baseline from {last} ({before:.0f} s of training before it)", flush=True)
+    clock = _Elapsed(out, before)
+    trainer.add_callback(clock)
+    trainer.train(resume_from_checkpoint=last)
+    return clock.seconds(), before
 
 
 def _mts(split: str) -> list[dict]:
@@ -56,16 +94,19 @@ def note_classification(encoder: str, out: Path, epochs: float, max_length: int,
         return [{**tokenizer(r["section_text"], truncation=True, max_length=max_length),
                  "labels": index[r["section_header"]]} for r in rows]  # fmt: skip
 
+    set_seed(seed)  # before the model, as the example scripts do: the new head's weights follow the seed
     model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=len(labels))
     trainer = Trainer(model=model, args=_args(out, epochs, seed, max_steps), train_dataset=encode(train),
                       data_collator=DataCollatorWithPadding(tokenizer))  # fmt: skip
-    started = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - started
+    seconds, earlier = _train(trainer, out)
     predictions = trainer.predict(encode(test))
     predicted = np.asarray(predictions.predictions).argmax(-1)
     gold = np.array([index[r["section_header"]] for r in test])
-    return {**classification_metrics(gold, predicted, len(labels)), "train_seconds": round(seconds, 1)}
+    return {
+        **classification_metrics(gold, predicted, len(labels)),
+        "train_seconds": round(seconds, 1),
+        "earlier_seconds": earlier,
+    }
 
 
 def ner(encoder: str, out: Path, epochs: float, max_length: int, seed: int, max_steps: int | None = None) -> dict:
@@ -94,12 +135,11 @@ def ner(encoder: str, out: Path, epochs: float, max_length: int, seed: int, max_
             word_ids.append(encoded.word_ids())
         return rows, word_ids
 
+    set_seed(seed)  # before the model, as the example scripts do: the new head's weights follow the seed
     model = AutoModelForTokenClassification.from_pretrained(encoder, num_labels=len(labels))
     trainer = Trainer(model=model, args=_args(out, epochs, seed, max_steps), train_dataset=encode(train)[0],
                       data_collator=DataCollatorForTokenClassification(tokenizer))  # fmt: skip
-    started = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - started
+    seconds, earlier = _train(trainer, out)
     rows, word_ids = encode(test)
     predictions = []
     for start in range(0, len(rows), 64):  # Trainer.predict pads each batch differently: predict per chunk
@@ -114,7 +154,11 @@ def ner(encoder: str, out: Path, epochs: float, max_length: int, seed: int, max_
                 previous = word
             predictions.append(tags)
     scores = entity_metrics([tags for _, tags in test], predictions)
-    return {**{k: v for k, v in scores.items() if k != "per_type"}, "train_seconds": round(seconds, 1)}
+    return {
+        **{k: v for k, v in scores.items() if k != "per_type"},
+        "train_seconds": round(seconds, 1),
+        "earlier_seconds": earlier,
+    }
 
 
 def _bpe(encoder: str) -> bool:
@@ -155,18 +199,21 @@ def icd_coding(encoder: str, out: Path, epochs: float, max_length: int, seed: in
             encoded.append({**tokenizer(row["text"], truncation=True, max_length=max_length), "labels": target})
         return encoded
 
+    set_seed(seed)  # before the model, as the example scripts do: the new head's weights follow the seed
     model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=len(labels),
                                                                problem_type="multi_label_classification")  # fmt: skip
     trainer = Trainer(model=model, args=_args(out, epochs, seed, max_steps), train_dataset=encode(train),
                       data_collator=DataCollatorWithPadding(tokenizer))  # fmt: skip
-    started = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - started
+    seconds, earlier = _train(trainer, out)
     rows = encode(test)
     output = trainer.predict(rows)
     probabilities = 1 / (1 + np.exp(-np.asarray(output.predictions, dtype=np.float64)))
     gold = np.stack([r["labels"] for r in rows])
-    return {**multilabel_metrics(gold, probabilities, 0.5), "train_seconds": round(seconds, 1)}
+    return {
+        **multilabel_metrics(gold, probabilities, 0.5),
+        "train_seconds": round(seconds, 1),
+        "earlier_seconds": earlier,
+    }
 
 
 def retrieval(encoder: str, out: Path, epochs: float, max_length: int, seed: int,
@@ -185,23 +232,22 @@ def retrieval(encoder: str, out: Path, epochs: float, max_length: int, seed: int
     from cmft.finetuning.config import DataConfig, RetrievalConfig
     from cmft.tasks.retrieval import evaluate_split
 
+    set_seed(seed)  # before the model, as the example scripts do: the new head's weights follow the seed
     model = SentenceTransformer(encoder, device="cuda" if torch.cuda.is_available() else "cpu")
     model.max_seq_length = max_length
     train = Dataset.from_list([{"anchor": r["dialogue"], "positive": r["section_text"]} for r in _mts("train")])
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps or -1, per_device_train_batch_size=16,
-        learning_rate=5e-5, seed=seed, save_strategy="no", report_to=[], disable_tqdm=True,
-        batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=not torch.cuda.is_available(),
+        learning_rate=5e-5, seed=seed, save_strategy="steps", save_steps=SAVE_STEPS, save_total_limit=1, report_to=[],
+        disable_tqdm=True, batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=not torch.cuda.is_available(),
     )  # fmt: skip
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
                                          loss=MultipleNegativesRankingLoss(model))  # fmt: skip
-    started = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - started
+    seconds, earlier = _train(trainer, out)
     settings = RetrievalConfig(query_field="dialogue", document_field="section_text")
     test = read_retrieval_split(DataConfig(train="unused", test=str(DATA / "mts_dialog" / "test1.csv")), "test",
                                 settings)  # fmt: skip
-    return {**evaluate_split(model, test, 100, 32), "train_seconds": round(seconds, 1)}
+    return {**evaluate_split(model, test, 100, 32), "train_seconds": round(seconds, 1), "earlier_seconds": earlier}
 
 
 BASELINES = {"note_classification": note_classification, "ner": ner, "icd_coding": icd_coding,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -94,9 +95,13 @@ def segment_overrides(task: str, encoder: str, budget: dict) -> list[str]:
 
 
 def hf_row(task: str, encoder: str, seed: int, budget: dict, out: Path) -> tuple[float, float]:
+    """Row 4 in `out`, which keeps the script's checkpoints until it finishes, so a run cut off resumes there; the
+    wall time adds the training seconds of the parts before the last checkpoint."""
     started = time.monotonic()
     result = BASELINES[task](encoder, out, budget["epochs"], budget["max_length"], seed, budget.get("max_steps"))
-    return result[METRIC[task]], time.monotonic() - started
+    took = time.monotonic() - started + result.get("earlier_seconds", 0.0)
+    shutil.rmtree(out, ignore_errors=True)
+    return result[METRIC[task]], took
 
 
 def encoder_key(path: str) -> str:
@@ -152,10 +157,10 @@ class ResultStore:
 
 
 def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool, root: Path,
-             rows: tuple[str, ...] = ROWS, store: ResultStore | None = None,
-             saved_only: bool = False) -> dict:  # fmt: skip
+             rows: tuple[str, ...] = ROWS, store: ResultStore | None = None, saved_only: bool = False,
+             work: Path | None = None) -> dict:  # fmt: skip
     """Every (row, seed) of one task: from the results store where finished, else trained now (or, with
-    `saved_only`, left out)."""
+    `saved_only`, left out). Row 4 keeps its checkpoints under `work` (default: the scratch `root`) until done."""
     store = store or ResultStore(None, fresh=True)
     recipe = load_recipe(task)
     budget = {"epochs": recipe.training.epochs, "max_length": recipe.training.max_length}
@@ -179,7 +184,8 @@ def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool,
             if record is None:
                 out = root / f"{task}-{row}-{seed}"
                 if row == "minilm_hf":
-                    value, took = hf_row(task, encoder, seed, budget, out)
+                    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+                    value, took = hf_row(task, encoder, seed, budget, (work or root) / f"{task}-{row}-{seed}-{tag}")
                 else:
                     value, took = cmft_row(task, encoder, seed, [*extra, *variant], out)
                 store.add(key, {"task": task, "row": row, "seed": seed, "value": value, "seconds": took})
@@ -240,6 +246,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help="which rows to run (default: all)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quality.jsonl"))
     parser.add_argument("--fresh", action="store_true", help="ignore finished results in --results")
+    parser.add_argument(
+        "--work",
+        default="runs/quality",
+        help="where row 4 keeps its checkpoints until it finishes (a run cut off resumes there)",
+    )
     parser.add_argument("--smoke", action="store_true", help="one task, one seed, 3 steps per row")
     parser.add_argument("--saved-only", action="store_true",
                         help="train nothing: report (table, chart, JSON) what --results already holds")  # fmt: skip
@@ -266,7 +277,8 @@ def main() -> None:
         if have_pretrained:  # the tiny rows; --saved-only reports theirs without it (always rotary: no segments)
             encoders |= {"pretrained": str(pretrained), "random": str(random_encoder(pretrained, root / "random"))}
         for task in tasks:
-            results[task] = run_task(task, encoders, seeds, args.smoke, root, rows, store, args.saved_only)
+            work = None if args.smoke else Path(args.work)
+            results[task] = run_task(task, encoders, seeds, args.smoke, root, rows, store, args.saved_only, work)
     results = {task: result for task, result in results.items() if result["rows"]}
     print(markdown_table(results))
     chart(results, Path(args.chart))

