@@ -136,6 +136,36 @@ def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkey
     assert keys[0][-1] != keys[1][-1] and keys[1][-1] == seen[1]
 
 
+def test_small_pretraining_row_uses_its_own_encoder(tiny_encoder, tmp_path, monkeypatch):
+    """tiny_small fine-tunes the clinical_small.yaml run given in --small-encoder, is keyed by that encoder (never
+    confused with tiny_pretrained's results), is not run unless named, and asks for its run when it is missing."""
+    quality = load_quality_module()
+    small = tmp_path / "small"
+    shutil.copytree(tiny_encoder, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "name_or_path": "small"}))
+    encoders = {"pretrained": str(tiny_encoder), "small": str(small), "minilm": str(tiny_encoder)}
+    seen = []
+
+    def fake_cmft_row(task, encoder, seed, extra, out):
+        seen.append(encoder)
+        return 0.5 + len(seen) / 100, 1.0
+
+    monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
+    store = quality.ResultStore(tmp_path / "quality.jsonl", fresh=False)
+    result = quality.run_task("ner", encoders, [1], False, tmp_path, ("tiny_pretrained", "tiny_small"), store)
+    assert seen == [str(tiny_encoder), str(small)]
+    assert result["rows"]["tiny_pretrained"]["values"] == [0.51] and result["rows"]["tiny_small"]["values"] == [0.52]
+    assert "tiny_small" in quality.ROWS and "tiny_small" not in quality.DEFAULT_ROWS
+    missing = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", "--tasks", "ner", "--rows", "tiny_small",
+         "--small-encoder", str(tmp_path / "nowhere"), "--results", str(tmp_path / "none.jsonl")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "clinical_small.yaml" in missing.stderr.splitlines()[-1]
+    assert not (tmp_path / "none.jsonl").exists()
+
+
 def test_bert_reads_the_icd_budget_in_segments(tiny_encoder):
     """MiniLM (512 absolute positions) cannot take the ICD recipe's 1,024 tokens in one pass: its cmft rows read them
     as 4 × 256-token segments; the rotary tiny encoder and the other tasks keep the recipe as it is."""
