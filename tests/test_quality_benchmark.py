@@ -217,3 +217,14 @@ def test_plain_baseline_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, 
     state = json.loads((tmp_path / "cut" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and not (tmp_path / "cut" / "checkpoint-4").exists()
     assert resumed["macro_f1"] == whole["macro_f1"] and resumed["accuracy"] == whole["accuracy"]
+
+
+def test_seeds_are_a_count_or_a_list():
+    import argparse
+
+    quality = load_quality_module()
+    assert quality.seed_list("3") == [42, 43, 44] and quality.seed_list("1") == [42]
+    assert quality.seed_list("43,44") == [43, 44]
+    for bad in ("0", "x", "43,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quality.seed_list(bad)
