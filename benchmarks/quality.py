@@ -12,9 +12,9 @@ MTS-Dialog test-1; retrieval: MTS-Dialog dialogue → section, test-1), with the
 4. minilm_hf          MiniLM-L6 fine-tuned by a plain Hugging Face / sentence-transformers script
                       (benchmarks/hf_baselines.py: Trainer, standard collator, default settings)
 
-    python benchmarks/quality.py [--tasks ner,icd_coding,note_classification,retrieval] [--seeds 3 | 43,44]
-        [--rows tiny_random,...] [--encoder runs/pretrain/latest/model] [--chart benchmarks/results/quality.png]
-        [--small-encoder runs/pretrain-small/latest/model]
+    python benchmarks/quality.py [--tasks ner,icd_coding,note_classification,retrieval] [--seeds 3]
+        [--seed 43 --seed 44] [--rows tiny_random,...] [--encoder runs/pretrain/latest/model]
+        [--small-encoder runs/pretrain-small/latest/model] [--chart benchmarks/results/quality.png]
         [--results benchmarks/results/quality.jsonl] [--fresh] [--saved-only] [--smoke]
 
 The full run is many hours on 2 CPU cores, so every finished (task, row, seed) is appended to --results as one
@@ -241,24 +241,12 @@ def chart(tasks: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def seed_list(text: str) -> list[int]:
-    """`--seeds 3` is seeds 42, 43 and 44; `--seeds 43,44` names them."""
-    try:
-        numbers = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a count (3) or seeds separated by commas (43,44)") from None
-    if "," in text:
-        return numbers
-    if numbers[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least one seed")
-    return [42 + i for i in range(numbers[0])]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="ner,icd_coding,note_classification,retrieval")
-    parser.add_argument("--seeds", type=seed_list, default="3",
-                        help="how many seeds (3: 42, 43, 44) or which ones (43,44)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds: 3 is 42, 43 and 44")
+    parser.add_argument("--seed", type=int, action="append",
+                        help="run this seed (repeatable: --seed 43 --seed 44); replaces --seeds")  # fmt: skip
     parser.add_argument("--encoder", default="runs/pretrain/latest/model")
     parser.add_argument("--chart", default=str(ROOT / "benchmarks" / "results" / "quality.png"))
     parser.add_argument("--small-encoder", default="runs/pretrain-small/latest/model",
@@ -287,7 +275,9 @@ def main() -> None:
     if set(rows) - set(ROWS):
         parser.error(f"unknown row {sorted(set(rows) - set(ROWS))[0]}; choose from {', '.join(ROWS)}")
     store = ResultStore(None if args.smoke else Path(args.results), fresh=args.fresh)
-    seeds = [42] if args.smoke else args.seeds
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: at least one seed")
+    seeds = [42] if args.smoke else args.seed or [42 + i for i in range(args.seeds)]
     pretrained = Path(args.encoder).resolve()
     have_pretrained = (pretrained / "config.json").is_file()
     if not have_pretrained and not args.saved_only and {"tiny_random", "tiny_pretrained"} & set(rows):

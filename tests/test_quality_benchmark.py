@@ -219,12 +219,29 @@ def test_plain_baseline_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, 
     assert resumed["macro_f1"] == whole["macro_f1"] and resumed["accuracy"] == whole["accuracy"]
 
 
-def test_seeds_are_a_count_or_a_list():
-    import argparse
-
+def test_seed_names_the_seeds_to_run_or_report(tmp_path):
+    """`--seeds 3` is seeds 42–44; `--seed 43 --seed 44` names them (here through --saved-only: no training)."""
     quality = load_quality_module()
-    assert quality.seed_list("3") == [42, 43, 44] and quality.seed_list("1") == [42]
-    assert quality.seed_list("43,44") == [43, 44]
-    for bad in ("0", "x", "43,"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            quality.seed_list(bad)
+    recipe = quality.load_recipe("ner")
+    budget = {"epochs": recipe.training.epochs, "max_length": recipe.training.max_length}
+    results = tmp_path / "quality.jsonl"
+    lines = [
+        {"key": json.dumps(["ner", "tiny_pretrained", seed, budget, "enc"]), "task": "ner", "row": "tiny_pretrained",
+         "seed": seed, "value": seed / 100, "seconds": 1.0}
+        for seed in (42, 43, 44)
+    ]  # fmt: skip
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    def report(*seeds: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "benchmarks/quality.py", "--saved-only", "--tasks", "ner", "--results", str(results),
+             "--chart", str(tmp_path / "q.png"), *seeds],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    named = json.loads(report("--seed", "43", "--seed", "44").stdout.strip().splitlines()[-1])
+    assert named["seeds"] == [43, 44] and named["tasks"]["ner"]["rows"]["tiny_pretrained"]["values"] == [0.43, 0.44]
+    counted = json.loads(report("--seeds", "2").stdout.strip().splitlines()[-1])
+    assert counted["tasks"]["ner"]["rows"]["tiny_pretrained"]["values"] == [0.42, 0.43]
+    bad = report("--seeds", "0")
+    assert bad.returncode == 2 and "at least one seed" in bad.stderr.splitlines()[-1]
