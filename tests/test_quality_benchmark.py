@@ -219,7 +219,7 @@ def test_plain_baseline_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, 
     assert resumed["macro_f1"] == whole["macro_f1"] and resumed["accuracy"] == whole["accuracy"]
 
 
-def test_seed_names_the_seeds_to_run_or_report(tmp_path):
+def test_seed_names_the_seeds_to_run_or_report(tmp_path, monkeypatch, capsys):
     """`--seeds 3` is seeds 42–44; `--seed 43 --seed 44` names them (here through --saved-only: no training)."""
     quality = load_quality_module()
     recipe = quality.load_recipe("ner")
@@ -232,19 +232,20 @@ def test_seed_names_the_seeds_to_run_or_report(tmp_path):
     ]  # fmt: skip
     results.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
-    def report(*seeds: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "benchmarks/quality.py", "--saved-only", "--tasks", "ner", "--results", str(results),
-             "--chart", str(tmp_path / "q.png"), *seeds],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+    def report(*seeds: str) -> dict:  # in-process, as main() reads sys.argv: no model is loaded for --saved-only
+        argv = ["quality.py", "--saved-only", "--tasks", "ner", "--results", str(results),
+                "--chart", str(tmp_path / "q.png"), *seeds]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        quality.main()
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    named = json.loads(report("--seed", "43", "--seed", "44").stdout.strip().splitlines()[-1])
+    named = report("--seed", "43", "--seed", "44")
     assert named["seeds"] == [43, 44] and named["tasks"]["ner"]["rows"]["tiny_pretrained"]["values"] == [0.43, 0.44]
-    counted = json.loads(report("--seeds", "2").stdout.strip().splitlines()[-1])
+    counted = report("--seeds", "2")
     assert counted["tasks"]["ner"]["rows"]["tiny_pretrained"]["values"] == [0.42, 0.43]
-    bad = report("--seeds", "0")
-    assert bad.returncode == 2 and "at least one seed" in bad.stderr.splitlines()[-1]
+    with pytest.raises(SystemExit) as bad:
+        report("--seeds", "0")
+    assert bad.value.code == 2 and "at least one seed" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_random_encoder_is_built_only_for_its_row(tiny_encoder, tmp_path, monkeypatch, capsys):
