@@ -80,7 +80,7 @@ def finetune(
     output_dir: OutputDir = None,
     resume: Resume = False,
 ) -> None:
-    """Fine-tune an encoder on a task recipe (note classification, ICD coding; NER and retrieval to come)."""
+    """Fine-tune an encoder on a task recipe: NER, ICD coding, note classification or retrieval."""
     from cmft.finetuning.run import finetune as run_finetune
 
     items = list(overrides or [])
