@@ -136,6 +136,35 @@ def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkey
     assert keys[0][-1] != keys[1][-1] and keys[1][-1] == seen[1]
 
 
+def test_icd_full_row_trains_at_the_pretrained_encoder_rate(tiny_encoder, tmp_path, monkeypatch):
+    """Row 3 full on ICD coding trains at the rate the recipe advises for a real pretrained encoder, not the tiny
+    encoder's recipe rate; its results are keyed by it (an earlier result at the recipe's rate is not reused), and
+    the tiny rows and the other tasks keep the recipe's rate."""
+    quality = load_quality_module()
+    encoders = {"pretrained": str(tiny_encoder), "random": str(tiny_encoder), "minilm": str(tiny_encoder)}
+    seen = []
+
+    def fake_cmft_row(task, encoder, seed, extra, out):
+        seen.append((task, extra))
+        return 0.5, 1.0
+
+    monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
+    results = tmp_path / "quality.jsonl"
+    rate, recipe = quality.PRETRAINED_FULL_RATES["icd_coding"], quality.load_recipe("icd_coding")
+    assert rate < recipe.training.learning_rate
+    budget = {"epochs": recipe.training.epochs, "max_length": recipe.training.max_length}
+    earlier = json.dumps(["icd_coding", "minilm_cmft_full", 1, budget, quality.encoder_key(str(tiny_encoder))])
+    results.write_text(json.dumps({"key": earlier, "task": "icd_coding", "row": "minilm_cmft_full", "seed": 1,
+                                   "value": 0.1, "seconds": 1.0}) + "\n")  # fmt: skip
+    store = quality.ResultStore(results, fresh=False)
+    icd = quality.run_task("icd_coding", encoders, [1], False, tmp_path, ("tiny_pretrained", "minilm_cmft_full"), store)
+    quality.run_task("ner", encoders, [1], False, tmp_path, ("minilm_cmft_full",), store)
+    assert seen == [("icd_coding", []), ("icd_coding", [f"training.learning_rate={rate:g}"]), ("ner", [])]
+    assert icd["rows"]["minilm_cmft_full"]["values"] == [0.5]  # trained anew, not the saved 0.1
+    keys = [json.loads(json.loads(line)["key"]) for line in results.read_text().splitlines()]
+    assert keys[2][-1] == [f"training.learning_rate={rate:g}"]
+
+
 def test_small_pretraining_row_uses_its_own_encoder(tiny_encoder, tmp_path, monkeypatch):
     """tiny_small fine-tunes the clinical_small.yaml run given in --small-encoder, is keyed by that encoder (never
     confused with tiny_pretrained's results), is not run unless named, and asks for its run when it is missing."""
