@@ -37,10 +37,11 @@ def test_ablation_resumes_and_pairs_seeds(tmp_path, monkeypatch, capsys):
 
     def fake_pretrain(config, overrides, output_dir, resume):
         weight = 2.0 if "masking.medical_weight=2.0" in overrides else 1.0
+        seed = next(o for o in overrides if o.startswith("seed="))
         pretrained.append((output_dir.name, resume))
         (output_dir / "model").mkdir(parents=True)
         (output_dir / "model" / "config.json").write_text(json.dumps({"model_type": "modernbert"}))
-        (output_dir / "model" / "model.safetensors").write_bytes(f"weights {weight}".encode())
+        (output_dir / "model" / "model.safetensors").write_bytes(f"weights {weight} {seed}".encode())
         top1 = {"mlm_top1": 0.40, "mlm_top5": 0.5, "mlm_top1_medical": 0.2 + 0.03 * weight, "mlm_top1_other": 0.45}
         (output_dir / "metrics.json").write_text(json.dumps(top1))
         (output_dir / "summary.json").write_text(json.dumps({"main_medical_share_of_masked": 0.2 * weight,
@@ -69,7 +70,11 @@ def test_ablation_resumes_and_pairs_seeds(tmp_path, monkeypatch, capsys):
     # A rerun with one more seed reuses both pretraining runs and the four finished pairs.
     report = run_main(ablation, monkeypatch, capsys, *args, "--seeds", "3")
     assert len(pretrained) == 2 and len(tuned) == 12 and {t[1] for t in tuned[8:]} == {2}
-    assert report["paired"]["icd_coding_micro_f1"]["seeds"] == 3
+    assert report["paired"]["icd_coding_micro_f1"]["seeds"] == 3 and report["pretrain_seed"] == 42
+    # Another pretraining seed is an independent pair: new runs beside the first, none of their results reused.
+    report = run_main(ablation, monkeypatch, capsys, *args, "--seeds", "1", "--pretrain-seed", "7")
+    assert pretrained[2:] == [("pretrain-emphasis-7-seed7", False), ("pretrain-uniform-7-seed7", False)]
+    assert len(tuned) == 16 and report["pretrain_seed"] == 7 and report["paired"]["ner_f1"]["seeds"] == 1
 
 
 def test_ablation_continues_an_interrupted_pretraining(tmp_path, monkeypatch, capsys):
