@@ -182,6 +182,16 @@ def _predict(trainer: Trainer, dataset: list[dict]) -> tuple[np.ndarray, np.ndar
     return np.asarray(logits), np.asarray(output.label_ids)
 
 
+def check_encoder(recipe: RecipeConfig, encoder: str) -> None:
+    """The checks `cmft validate` and every fine-tuning run make before loading weights: a warning when remote code
+    will run, the position-table length check (raises CmftError) and the learning-rate advice."""
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
+    check_positions(recipe, encoder)
+    if advice := learning_rate_advice(recipe, encoder):
+        log.warning(advice)
+
+
 def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -> Path:
     """Train in `work` (the `.partial` folder) and rename it to `final` when everything is written."""
     if recipe.task == "retrieval":  # sentence-transformers' own trainer and losses
@@ -195,11 +205,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     started = time.monotonic()
     encoder = resolve_encoder(recipe.model.encoder)
     attention = resolve_attention(recipe.model.attention)
-    if recipe.model.trust_remote_code:
-        log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
-    check_positions(recipe, encoder)
-    if advice := learning_rate_advice(recipe, encoder):
-        log.warning(advice)
+    check_encoder(recipe, encoder)
     tokenizer = load_tokenizer(encoder, recipe.model.trust_remote_code)
     task = get_task(recipe)
     task.prepare(tokenizer)

@@ -21,7 +21,7 @@ from cmft.config import dump_config
 from cmft.data.retrieval import RetrievalSplit, read_retrieval_split
 from cmft.errors import CmftError
 from cmft.finetuning.config import RecipeConfig, step_schedule
-from cmft.finetuning.engine import check_positions, resolve_encoder
+from cmft.finetuning.engine import check_encoder, resolve_encoder
 from cmft.finetuning.lora import wrap_lora
 from cmft.modeling import resolve_attention
 from cmft.runs import finish_run
@@ -144,9 +144,7 @@ def run_retrieval(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -
     settings, t = recipe.retrieval, recipe.training
     encoder = resolve_encoder(recipe.model.encoder)
     attention = resolve_attention(recipe.model.attention)
-    if recipe.model.trust_remote_code:
-        log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
-    check_positions(recipe, encoder)
+    check_encoder(recipe, encoder)
     splits = read_splits(recipe)
     batch_split = distributed.split_batch(recipe.training.batch_size, recipe.training.gradient_accumulation)
     report: dict[str, Any] = {"encoder": encoder, **batch_split.report()}

@@ -12,15 +12,11 @@ log = logging.getLogger("cmft")
 def validate_recipe(recipe: str, overrides: list[str]) -> str:
     """Keys and types, data files and labels, and that the encoder and its tokenizer load. Returns a summary."""
     config = load_recipe(recipe, overrides)
-    from cmft.finetuning.engine import check_positions, learning_rate_advice, load_tokenizer, resolve_encoder
+    from cmft.finetuning.engine import check_encoder, load_tokenizer, resolve_encoder
     from cmft.tasks import get_task
 
     encoder = resolve_encoder(config.model.encoder)
-    if config.model.trust_remote_code:
-        log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
-    check_positions(config, encoder)
-    if advice := learning_rate_advice(config, encoder):
-        log.warning(advice)
+    check_encoder(config, encoder)
     tokenizer = load_tokenizer(encoder, config.model.trust_remote_code)
     if config.task == "retrieval":
         from cmft.finetuning.retrieval_engine import read_splits
