@@ -12,10 +12,11 @@ test) and ICD micro F1 (CodiEsp test) from the shipped recipes fine-tuned on eac
 mean, spread (population standard deviation over seeds) and the paired difference per seed.
 
     python benchmarks/masking_ablation.py [--steps 300] [--seeds 3] [--icd-epochs 3] [--ner-epochs 5]
-        [--pretrain-seed 42] [--work runs/ablation] [--results benchmarks/results/masking_ablation.jsonl] [--fresh]
+        [--pretrain-seed N] [--work runs/ablation] [--results benchmarks/results/masking_ablation.jsonl] [--fresh]
 
-Pretraining is deterministic on CPU for a given seed: re-running the same pair reproduces it to the last digit.
-An independent pair needs another `--pretrain-seed` (model initialisation, data order and masking draws).
+Re-running a pair at the same seed and code reproduced it to the last digit (the README's run C), so an
+independent pair needs another `--pretrain-seed` (model initialisation, data order and masking draws); its runs are
+kept beside the config seed's.
 
 With several seeds this is about an hour and a half on 2 CPU cores, so it resumes: each arm's pretraining run is
 kept under --work (a finished one is reused, an interrupted one continued) and each finished fine-tuning is
@@ -40,8 +41,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quality import ResultStore, encoder_key  # noqa: E402
 
+from cmft.config import load_config  # noqa: E402
 from cmft.finetuning.run import finetune  # noqa: E402
-from cmft.pretraining.run import pretrain  # noqa: E402
+from cmft.paths import resolve_bundled  # noqa: E402
+from cmft.pretraining.config import PretrainConfig  # noqa: E402
+from cmft.pretraining.run import DEFAULT_CONFIG, pretrain  # noqa: E402
 from cmft.runs import partial_of  # noqa: E402
 
 ARMS = {
@@ -50,15 +54,21 @@ ARMS = {
 }
 MLM = ("mlm_top1", "mlm_top5", "mlm_top1_medical", "mlm_top1_other")
 TASKS = (("ner", "f1"), ("icd_coding", "micro_f1"))
-DEFAULT_SEED = 42  # pretrain/clinical_tiny.yaml's seed: the pair the README's first rows come from
 
 
-def pretrain_arm(name: str, work: Path, steps: int, threads: int, seed: int = DEFAULT_SEED) -> tuple[Path, dict]:
-    """The arm's finished pretraining run (reused when already under `work`) and its masked-token figures."""
-    final = work / (f"pretrain-{name}-{steps}" + ("" if seed == DEFAULT_SEED else f"-seed{seed}"))
+def config_seed() -> int:
+    """The default pretraining config's seed: the pair whose runs carry no seed in their folder name."""
+    return load_config(PretrainConfig, resolve_bundled(DEFAULT_CONFIG), []).seed
+
+
+def pretrain_arm(name: str, work: Path, steps: int, threads: int, seed: int | None = None) -> tuple[Path, dict]:
+    """The arm's finished pretraining run (reused when already under `work`) and its masked-token figures. `seed`:
+    another pretraining seed than the config's (None), whose run is kept beside the config seed's."""
+    final = work / (f"pretrain-{name}-{steps}" + ("" if seed is None else f"-seed{seed}"))
     started = time.monotonic()
     if not (final / "metrics.json").is_file():
-        overrides = [*ARMS[name], f"training.max_steps={steps}", f"training.threads={threads}", f"seed={seed}"]
+        overrides = [*ARMS[name], f"training.max_steps={steps}", f"training.threads={threads}"]
+        overrides += [] if seed is None else [f"seed={seed}"]
         pretrain(None, overrides, output_dir=final, resume=partial_of(final).is_dir())
     metrics = json.loads((final / "metrics.json").read_text())
     summary = json.loads((final / "summary.json").read_text())
@@ -108,8 +118,8 @@ def main() -> None:
     parser.add_argument("--ner-epochs", type=float, default=5)
     parser.add_argument("--icd-epochs", type=float, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pretrain-seed", type=int, default=DEFAULT_SEED,
-                        help="pretraining seed of both arms; another seed gives an independent pair")  # fmt: skip
+    parser.add_argument("--pretrain-seed", type=int, default=None,
+                        help="both arms' pretraining seed (default: the config's)")  # fmt: skip
     parser.add_argument("--work", default="runs/ablation", help="where the arms' pretraining runs are kept")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "masking_ablation.jsonl"))
     parser.add_argument("--fresh", action="store_true", help="ignore finished fine-tuning results in --results")
@@ -117,9 +127,11 @@ def main() -> None:
     if args.steps < 1 or args.seeds < 1:
         parser.error("--steps and --seeds must be at least 1")
     store = ResultStore(Path(args.results), fresh=args.fresh)
+    default_seed = config_seed()
+    other_seed = None if args.pretrain_seed in (None, default_seed) else args.pretrain_seed
     arms, encoders = {}, {}
     for name in ARMS:
-        encoders[name], arms[name] = pretrain_arm(name, Path(args.work), args.steps, args.threads, args.pretrain_seed)
+        encoders[name], arms[name] = pretrain_arm(name, Path(args.work), args.steps, args.threads, other_seed)
     values: dict = {arm: {f"{t}_{m}": [] for t, m in TASKS} for arm in ARMS}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
@@ -131,7 +143,7 @@ def main() -> None:
                     values[name][f"{task}_{metric}"].append(value)
     delta, paired = summarise(arms, values)
     print(json.dumps({"benchmark": "masking_ablation", "steps": args.steps, "seeds": args.seeds,
-                      "pretrain_seed": args.pretrain_seed, "arms": arms,
+                      "pretrain_seed": default_seed if other_seed is None else other_seed, "arms": arms,
                       "delta": delta, "paired": paired}))  # fmt: skip
 
 

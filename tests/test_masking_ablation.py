@@ -37,7 +37,7 @@ def test_ablation_resumes_and_pairs_seeds(tmp_path, monkeypatch, capsys):
 
     def fake_pretrain(config, overrides, output_dir, resume):
         weight = 2.0 if "masking.medical_weight=2.0" in overrides else 1.0
-        seed = next(o for o in overrides if o.startswith("seed="))
+        seed = next((o for o in overrides if o.startswith("seed=")), "the config's seed")
         pretrained.append((output_dir.name, resume))
         (output_dir / "model").mkdir(parents=True)
         (output_dir / "model" / "config.json").write_text(json.dumps({"model_type": "modernbert"}))

@@ -124,6 +124,16 @@ def check_positions(recipe: RecipeConfig, encoder: str) -> None:
     raise CmftError(f"{key} ({length}) is longer than the encoder's max_position_embeddings ({limit}); {way_out}")
 
 
+def check_encoder(recipe: RecipeConfig, encoder: str) -> None:
+    """The checks `cmft validate` and every fine-tuning run make before loading weights: a warning when remote code
+    will run, the position-table length check (raises CmftError) and the learning-rate advice."""
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
+    check_positions(recipe, encoder)
+    if advice := learning_rate_advice(recipe, encoder):
+        log.warning(advice)
+
+
 class FinetuneTrainer(SafeTrainerMixin, Trainer):
     """HF Trainer with the task's loss, a separate learning rate for the head, and tokens/s in the log."""
 
@@ -180,16 +190,6 @@ def _predict(trainer: Trainer, dataset: list[dict]) -> tuple[np.ndarray, np.ndar
     output = trainer.predict(dataset)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     return np.asarray(logits), np.asarray(output.label_ids)
-
-
-def check_encoder(recipe: RecipeConfig, encoder: str) -> None:
-    """The checks `cmft validate` and every fine-tuning run make before loading weights: a warning when remote code
-    will run, the position-table length check (raises CmftError) and the learning-rate advice."""
-    if recipe.model.trust_remote_code:
-        log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
-    check_positions(recipe, encoder)
-    if advice := learning_rate_advice(recipe, encoder):
-        log.warning(advice)
 
 
 def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -> Path:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
 from cmft.finetuning.run import load_recipe
-
-log = logging.getLogger("cmft")
 
 
 def validate_recipe(recipe: str, overrides: list[str]) -> str:
