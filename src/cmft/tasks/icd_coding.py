@@ -77,9 +77,7 @@ class IcdCoder(nn.Module):
             if states is None:
                 states = encoded.new_zeros((batch * chunks, size, encoded.shape[-1]))
             states[group, :width] = encoded
-        if states is None:  # no token at all: nothing to encode
-            hidden = self.encoder.config.hidden_size
-            states = flat_ids.new_zeros((batch * chunks, size, hidden), dtype=torch.float32)
+        assert states is not None  # every note has a chunk: encode_note always gives [CLS] … [SEP]
         return states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
