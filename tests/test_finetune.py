@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from cmft.finetuning.engine import FinetuneTrainer, token_count
 from cmft.finetuning.evaluate import evaluate_run
 from cmft.finetuning.run import bundled_recipes, finetune
 from cmft.finetuning.validate import validate_recipe
@@ -115,6 +117,41 @@ def test_chunked_encoding_equals_encoding_each_chunk_alone(tiny_encoder):
                 start = c * settings["chunk_size"]
                 assert torch.allclose(states[row, start : start + len(chunk)], alone, atol=1e-5)
         assert int(mask.sum()) == sum(len(chunk) for f in features for chunk in f["input_ids"])
+
+
+def test_chunked_encoding_skips_the_padding_of_part_filled_chunks(tiny_encoder):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    settings = dict(labels=["E11.9"], threshold=0.5, mode="chunked", head="label_attention", attention_dim=16,
+                    chunk_size=128, max_chunks=8, max_length=1024, level="code")  # fmt: skip
+    coder = IcdCoder(AutoModel.from_pretrained(tiny_encoder, attn_implementation="sdpa"), settings).eval()
+    notes = [row["text"] for row in _jsonl("data/codiesp/train.jsonl")[:4]]
+    features = [{"input_ids": encode_note(tokenizer, note, settings)[0]} for note in notes]
+    batch = collate_notes(features, tokenizer.pad_token_id, settings)
+    shapes: list[tuple[int, ...]] = []
+
+    def record(_module, _args, kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+
+    hook = coder.encoder.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        coder.encode(batch["input_ids"], batch["attention_mask"])
+    hook.remove()
+    chunks = [len(chunk) for f in features for chunk in f["input_ids"]]
+    part_filled = [n for n in chunks if n < settings["chunk_size"]]
+    assert len(chunks) > len(part_filled) > 0
+    assert sorted(shapes) == sorted([(len(chunks) - len(part_filled), 128), (len(part_filled), max(part_filled))])
+
+
+def test_length_grouping_counts_the_tokens_of_chunked_notes():
+    assert token_count([5, 6, 7]) == 3
+    assert token_count([[1, 5, 2], [1, 6, 7, 8, 2]]) == 8  # chunks: their tokens, not how many there are
+    trainer = SimpleNamespace(
+        train_dataset=[{"input_ids": [[1] * 128, [1] * n]} for n in (10, 100, 60)],
+        args=SimpleNamespace(train_sampling_strategy="group_by_length", train_batch_size=2,
+                             gradient_accumulation_steps=1),
+    )  # fmt: skip
+    sampler = FinetuneTrainer._get_train_sampler(trainer)
+    assert sampler.lengths == [138, 228, 188]
 
 
 def test_chunked_mode_and_pooled_head_train(tiny_encoder, tmp_path):

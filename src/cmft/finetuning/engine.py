@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from cmft import distributed
 from cmft.checkpointing import SafeTrainerMixin, resume_point
@@ -134,6 +135,11 @@ def check_encoder(recipe: RecipeConfig, encoder: str) -> None:
         log.warning(advice)
 
 
+def token_count(input_ids: list) -> int:
+    """Tokens in one feature: a list of ids, or (chunked ICD notes) a list of chunks."""
+    return sum(len(chunk) for chunk in input_ids) if input_ids and isinstance(input_ids[0], list) else len(input_ids)
+
+
 class FinetuneTrainer(SafeTrainerMixin, Trainer):
     """HF Trainer with the task's loss, a separate learning rate for the head, and tokens/s in the log."""
 
@@ -161,6 +167,15 @@ class FinetuneTrainer(SafeTrainerMixin, Trainer):
             self.real_tokens += int(inputs["attention_mask"].sum())
         loss, outputs = self.task.loss(model, dict(inputs))
         return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Trainer groups by len(input_ids); for chunked ICD notes that is the number of chunks, not of tokens, so
+        # the part-filled last chunks of a batch differ widely in length and the encoder runs over their padding.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, lengths=[token_count(f["input_ids"]) for f in dataset])
 
     def _get_eval_sampler(self, eval_dataset):
         # Length grouping is for training only: predictions must come back in dataset order (NER merges

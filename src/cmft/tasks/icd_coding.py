@@ -56,16 +56,28 @@ class IcdCoder(nn.Module):
         return self.encoder.config
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states and mask. Chunked input [B, C, S] is encoded chunk by chunk (PLM-ICD) and concatenated."""
+        """Token states and mask. Chunked input [B, C, S] is encoded chunk by chunk (PLM-ICD) and concatenated.
+
+        Chunks that are all padding are skipped. A note's last chunk is usually part-filled: the full chunks are
+        encoded in one call and the part-filled ones in another, cut to the longest of them, so the encoder does not
+        run over the padding (chunks are right-padded; padding positions keep zero states, which the head masks)."""
         if input_ids.dim() == 2:
             return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask
         batch, chunks, size = input_ids.shape
         flat_ids, flat_mask = input_ids.reshape(-1, size), attention_mask.reshape(-1, size)
-        used = flat_mask.any(-1)  # skip chunks that are all padding
-        states = flat_ids.new_zeros((batch * chunks, size, self.encoder.config.hidden_size), dtype=torch.float32)
-        encoded = self.encoder(input_ids=flat_ids[used], attention_mask=flat_mask[used]).last_hidden_state
-        states = states.to(encoded.dtype)
-        states[used] = encoded
+        rows = flat_mask.any(-1).nonzero().squeeze(-1)
+        lengths = flat_mask[rows].sum(-1)
+        states: torch.Tensor | None = None
+        for group in (rows[lengths == size], rows[lengths < size]):
+            if len(group) == 0:
+                continue
+            width = int(flat_mask[group].sum(-1).max())
+            ids, mask = flat_ids[group, :width], flat_mask[group, :width]
+            encoded = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            if states is None:
+                states = encoded.new_zeros((batch * chunks, size, encoded.shape[-1]))
+            states[group, :width] = encoded
+        assert states is not None  # every note has a chunk: encode_note always gives [CLS] … [SEP]
         return states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
