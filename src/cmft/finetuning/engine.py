@@ -76,11 +76,14 @@ def rotary_positions(config: Any) -> bool:
 # Full-tuning encoder rate for a real pretrained encoder, where the recipe's (tuned on the tiny encoder that `cmft
 # pretrain` makes) is too high for one, and what it was measured on (benchmarks/quality.py, MiniLM-L6). ICD coding:
 # the tiny encoder needs the recipe's rate (seed 42: 0.506 at 3e-4, 0.416 at 5e-5).
-PRETRAINED_ENCODER_RATES = {"icd_coding": 5e-5, "retrieval": 5e-5}
-RATE_EVIDENCE = {
-    "icd_coding": "MiniLM-L6 on CodiEsp: micro F1 0.18-0.40 at 3e-4, 0.51-0.54 at 5e-5 over three seeds",
-    "retrieval": "MiniLM-L6 on MTS-Dialog: ndcg@10 0.875-0.884 at 2e-4 over three seeds, 0.897-0.900 at 5e-5 over two",
+PRETRAINED_ENCODER_ADVICE = {
+    "icd_coding": (5e-5, "MiniLM-L6 on CodiEsp: micro F1 0.18-0.40 at 3e-4, 0.51-0.54 at 5e-5 over three seeds"),
+    "retrieval": (
+        5e-5,
+        "MiniLM-L6 on MTS-Dialog: ndcg@10 0.875-0.884 at 2e-4 over three seeds, 0.897-0.900 at 5e-5 over two",
+    ),
 }
+PRETRAINED_ENCODER_RATES = {task: rate for task, (rate, _) in PRETRAINED_ENCODER_ADVICE.items()}
 
 
 def made_by_cmft_pretrain(encoder: str) -> bool:
@@ -98,7 +101,7 @@ def learning_rate_advice(recipe: RecipeConfig, encoder: str) -> str | None:
     return (
         f"training.learning_rate {rate:g} suits the tiny encoder `cmft pretrain` makes; full tuning of a pretrained "
         f"encoder ({encoder}) on {recipe.task} is measured to train better at {advised:g} "
-        f"({RATE_EVIDENCE[recipe.task]}): set training.learning_rate={advised:g}"
+        f"({PRETRAINED_ENCODER_ADVICE[recipe.task][1]}): set training.learning_rate={advised:g}"
     )
 
 
