@@ -80,7 +80,7 @@ PRETRAINED_ENCODER_ADVICE = {
     "icd_coding": (5e-5, "MiniLM-L6 on CodiEsp: micro F1 0.18-0.40 at 3e-4, 0.51-0.54 at 5e-5 over three seeds"),
     "retrieval": (
         5e-5,
-        "MiniLM-L6 on MTS-Dialog: ndcg@10 0.875-0.884 at 2e-4 over three seeds, 0.897-0.900 at 5e-5 over two",
+        "MiniLM-L6 on MTS-Dialog: ndcg@10 0.875-0.884 at 2e-4 over three seeds, 0.890-0.900 at 5e-5 over three",
     ),
 }
 PRETRAINED_ENCODER_RATES = {task: rate for task, (rate, _) in PRETRAINED_ENCODER_ADVICE.items()}
