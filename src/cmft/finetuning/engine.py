@@ -94,14 +94,16 @@ def made_by_cmft_pretrain(encoder: str) -> bool:
 
 def learning_rate_advice(recipe: RecipeConfig, encoder: str) -> str | None:
     """A warning when full tuning runs a real pretrained encoder at a recipe rate measured to be too high for one."""
-    advised = PRETRAINED_ENCODER_RATES.get(recipe.task)
+    if recipe.task not in PRETRAINED_ENCODER_ADVICE:
+        return None
+    advised, evidence = PRETRAINED_ENCODER_ADVICE[recipe.task]
     rate = recipe.training.learning_rate
-    if advised is None or recipe.tuning.method != "full" or rate < 2 * advised or made_by_cmft_pretrain(encoder):
+    if recipe.tuning.method != "full" or rate < 2 * advised or made_by_cmft_pretrain(encoder):
         return None
     return (
         f"training.learning_rate {rate:g} suits the tiny encoder `cmft pretrain` makes; full tuning of a pretrained "
         f"encoder ({encoder}) on {recipe.task} is measured to train better at {advised:g} "
-        f"({PRETRAINED_ENCODER_ADVICE[recipe.task][1]}): set training.learning_rate={advised:g}"
+        f"({evidence}): set training.learning_rate={advised:g}"
     )
 
 
