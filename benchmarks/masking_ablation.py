@@ -43,9 +43,8 @@ from quality import ResultStore, encoder_key  # noqa: E402
 
 from cmft.config import load_config  # noqa: E402
 from cmft.finetuning.run import finetune  # noqa: E402
-from cmft.paths import resolve_bundled  # noqa: E402
 from cmft.pretraining.config import PretrainConfig  # noqa: E402
-from cmft.pretraining.run import DEFAULT_CONFIG, pretrain  # noqa: E402
+from cmft.pretraining.run import pretrain, resolve_pretrain_config  # noqa: E402
 from cmft.runs import partial_of  # noqa: E402
 
 ARMS = {
@@ -58,7 +57,7 @@ TASKS = (("ner", "f1"), ("icd_coding", "micro_f1"))
 
 def config_seed() -> int:
     """The default pretraining config's seed: the pair whose runs carry no seed in their folder name."""
-    return load_config(PretrainConfig, resolve_bundled(DEFAULT_CONFIG), []).seed
+    return load_config(PretrainConfig, resolve_pretrain_config(None), []).seed
 
 
 def pretrain_arm(name: str, work: Path, steps: int, threads: int, seed: int | None = None) -> tuple[Path, dict]:

@@ -27,13 +27,13 @@ from transformers import DataCollatorForLanguageModeling, ModernBertForMaskedLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cmft.config import load_config  # noqa: E402
-from cmft.paths import resolve_bundled  # noqa: E402
 from cmft.pretraining.config import PretrainConfig  # noqa: E402
 from cmft.pretraining.corpus import build_corpus  # noqa: E402
 from cmft.pretraining.engine import modernbert_config  # noqa: E402
 from cmft.pretraining.lexicon import Lexicon  # noqa: E402
 from cmft.pretraining.masking import Masker  # noqa: E402
 from cmft.pretraining.packing import PackedDataset, collate_packed, model_inputs, tokenize_documents  # noqa: E402
+from cmft.pretraining.run import resolve_pretrain_config  # noqa: E402
 from cmft.pretraining.vocab import train_tokenizer  # noqa: E402
 
 MAX_LENGTH = 512
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(PretrainConfig, resolve_bundled("pretrain/clinical_tiny.yaml"))
+    config = load_config(PretrainConfig, resolve_pretrain_config("clinical_tiny"))
     corpus = build_corpus(config.corpus)
     tokenizer = train_tokenizer(corpus.train, config.tokenizer.vocab_size)
     lexicon = Lexicon.from_files(config.masking.lexicon)

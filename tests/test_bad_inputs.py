@@ -541,7 +541,7 @@ def recipes_cp_unwritable(w):
 
 @case
 def recipes_show_path_is_folder(w):
-    return ["recipes", "show", str(w.tmp)], ["no such recipe"]
+    return ["recipes", "show", str(w.tmp)], ["no bundled recipe of that name"]
 
 
 # the tests ----------------------------------------------------------------------------------------------------

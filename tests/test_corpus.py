@@ -30,10 +30,10 @@ def test_no_fine_tuning_dev_or_test_text_in_the_corpus():
         CorpusConfig(sources=[SourceConfig(bundled="codiesp_train"), SourceConfig(bundled="mts_dialog_train")])
     )
     seen = set(corpus.train) | set(corpus.heldout)
-    from cmft.paths import data_dir
+    from cmft.paths import bundled_folder
 
     for split in ("dev", "test"):
-        with open(data_dir() / "codiesp" / f"{split}.jsonl", encoding="utf-8") as handle:
+        with open(bundled_folder("data") / "codiesp" / f"{split}.jsonl", encoding="utf-8") as handle:
             texts = [json.loads(line)["text"].strip() for line in handle]
         assert not seen & set(texts)
     assert len(seen) > 2500

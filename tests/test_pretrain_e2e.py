@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +175,6 @@ def test_cli_lists_commands_and_export_needs_a_run(tmp_path):
 
 
 def test_default_config_path_resolves(tmp_path):
-    from cmft.paths import resolve_bundled
+    from cmft.pretraining.run import resolve_pretrain_config
 
-    assert Path(resolve_bundled("pretrain/clinical_tiny.yaml")).is_file()
+    assert resolve_pretrain_config(None).name == "clinical_tiny.yaml" and resolve_pretrain_config(None).is_file()

@@ -193,7 +193,7 @@ def test_small_pretraining_row_uses_its_own_encoder(tiny_encoder, tmp_path, monk
          "--small-encoder", str(tmp_path / "nowhere"), "--results", str(tmp_path / "none.jsonl")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert missing.returncode == 2 and "clinical_small.yaml" in missing.stderr.splitlines()[-1]
+    assert missing.returncode == 2 and "cmft pretrain clinical_small" in missing.stderr.splitlines()[-1]
     assert not (tmp_path / "none.jsonl").exists()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__version__ = "0.1.0"
+from cmft.version import __version__
 
 
 def pretrain(config: str | Path | None = None, overrides: list[str] | None = None, **kwargs) -> Path:

@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show and copy the bundled fine-tuning recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+configs_app = typer.Typer(help="List, show and copy the bundled pretraining configs.", no_args_is_help=True)
+app.add_typer(configs_app, name="configs")
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides: key.sub=value (YAML scalars).")]
 OutputDir = Annotated[Path | None, typer.Option("--output-dir", help="Run folder to write (default: runs/...).")]
@@ -50,10 +52,28 @@ def _setup_logging() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from cmft.version import __version__
+
+        typer.echo(f"cmft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """cmft: pretrain, fine-tune and export clinical ModernBERT encoders."""
+
+
 @app.command()
 def pretrain(
     config: Annotated[
-        str | None, typer.Argument(help="Pretraining config (default: pretrain/clinical_tiny.yaml).")
+        str | None,
+        typer.Argument(help="A bundled config name (default clinical_tiny; `cmft configs list`) or a YAML path."),
     ] = None,
     overrides: Overrides = None,
     output_dir: OutputDir = None,
@@ -188,17 +208,60 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(name: str) -> None:
     """Print a bundled recipe."""
-    from cmft.finetuning.run import resolve_recipe
+    from cmft.finetuning.run import bundled_recipes
 
-    typer.echo(resolve_recipe(name).read_text(encoding="utf-8"), nl=False)
+    typer.echo(_bundled(bundled_recipes(), name, "recipe", "cmft recipes list").read_text(encoding="utf-8"), nl=False)
 
 
 @recipes_app.command("cp")
 def recipes_cp(name: str, dest: Path) -> None:
-    """Copy a bundled recipe to edit it."""
-    from cmft.finetuning.run import resolve_recipe
+    """Copy a bundled recipe to edit it (its data paths stay `bundled:...` until you change them)."""
+    from cmft.finetuning.run import bundled_recipes
 
-    source = resolve_recipe(name)
+    _copy(_bundled(bundled_recipes(), name, "recipe", "cmft recipes list"), dest)
+
+
+@configs_app.command("list")
+def configs_list() -> None:
+    """List the bundled pretraining configs."""
+    from cmft.config import load_config
+    from cmft.pretraining.config import PretrainConfig
+    from cmft.pretraining.run import bundled_pretrain_configs
+
+    for name, path in bundled_pretrain_configs().items():
+        config = load_config(PretrainConfig, path)
+        shape = config.model.architecture
+        typer.echo(
+            f"{name:<28} hidden={shape.hidden_size:<5} layers={shape.num_hidden_layers:<3} "
+            f"max_steps={config.training.max_steps}"
+        )
+
+
+@configs_app.command("show")
+def configs_show(name: str) -> None:
+    """Print a bundled pretraining config."""
+    from cmft.pretraining.run import bundled_pretrain_configs
+
+    config = _bundled(bundled_pretrain_configs(), name, "pretraining config", "cmft configs list")
+    typer.echo(config.read_text(encoding="utf-8"), nl=False)
+
+
+@configs_app.command("cp")
+def configs_cp(name: str, dest: Path) -> None:
+    """Copy a bundled pretraining config to edit it; run it with `cmft pretrain DEST`."""
+    from cmft.pretraining.run import bundled_pretrain_configs
+
+    _copy(_bundled(bundled_pretrain_configs(), name, "pretraining config", "cmft configs list"), dest)
+
+
+def _bundled(named: dict[str, Path], name: str, what: str, list_command: str) -> Path:
+    name = name.removesuffix(".yaml")
+    if name not in named:
+        raise CmftError(f"{name}: no bundled {what} of that name (bundled: {', '.join(named)}; `{list_command}`)")
+    return named[name]
+
+
+def _copy(source: Path, dest: Path) -> None:
     target = dest / source.name if dest.is_dir() else dest
     if target.exists():
         raise CmftError(f"{target}: already exists; choose another destination")

@@ -28,7 +28,7 @@ from cmft.errors import CmftError
 from cmft.inference import MANIFEST, Loaded, Unit, load_run
 from cmft.metrics import PRIMARY_METRIC
 from cmft.onnx_forms import export_forms
-from cmft.paths import resolve_bundled
+from cmft.paths import bundled_file
 from cmft.predict import OnnxBackend, TorchBackend
 
 OUTPUTS = {"note_classification": "logits", "ner": "logits", "icd_coding": "probabilities",
@@ -83,10 +83,8 @@ MEANINGS = {
 
 
 def load_export_config(overrides: list[str] | None = None) -> ExportConfig:
-    path = resolve_bundled("export/onnx.yaml")
-    if not path.is_file():
-        return ExportConfig()
-    return load_config(ExportConfig, path, overrides)
+    """The bundled export profile (always the package's copy) with the command line's key=value overrides."""
+    return load_config(ExportConfig, bundled_file("export/onnx.yaml"), overrides)
 
 
 def export_run(run_dir: str | Path | None = None, output_dir: str | Path | None = None, quantize: str | None = None,

@@ -1,29 +1,89 @@
-"""Where bundled files live: the repository's `data/`, `pretrain/`, `recipes/` folders."""
+"""Where the files cmft reads at run time come from: the installed package, or the user's working directory.
+
+Resolution is explicit, never a fallback:
+- `bundled:<path>` names a file shipped inside the package, written as its path in the repository layout
+  (`bundled:data/codiesp/train.jsonl`, `bundled:pretrain/lexicon/drugs.txt`); shipped recipes and configs use it.
+- any other path is the user's own and resolves from the working directory, so a `./data` folder never changes
+  what a bundled recipe reads, and a user's missing file never silently becomes the bundled one.
+- bundled recipes and pretraining configs are also reachable by bare name (`icd_coding`, `clinical_tiny`).
+"""
 
 from __future__ import annotations
 
-import os
+import importlib.resources
 from pathlib import Path
 
+from cmft.errors import CmftError
 
-def repo_root() -> Path:
-    """The cmft repository root (`CMFT_HOME` overrides), found from the installed package."""
-    if env := os.environ.get("CMFT_HOME"):
-        return Path(env)
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "data" / "DATA.md").is_file() and (parent / "pretrain").is_dir():
-            return parent
-    return Path.cwd()
+BUNDLED_PREFIX = "bundled:"
+# Top-level repository folders that ship inside the package as cmft._bundled.<folder> (setup.py maps them).
+BUNDLED_FOLDERS = ("recipes", "pretrain", "export", "data")
 
 
-def data_dir() -> Path:
-    return repo_root() / "data"
+def bundled_folder(folder: str) -> Path:
+    """The installed copy of one of BUNDLED_FOLDERS, as a real directory."""
+    if folder not in BUNDLED_FOLDERS:
+        raise ValueError(f"not a bundled folder: {folder}")
+    try:
+        root = importlib.resources.files(f"cmft._bundled.{folder}")
+    except ModuleNotFoundError:
+        raise CmftError(
+            f"bundled folder {folder}/ is missing from the installed cmft package; reinstall cmft"
+        ) from None
+    if not isinstance(root, Path):  # a zip import: the readers need real files
+        raise CmftError(f"bundled folder {folder}/ is not a directory ({root}); install cmft unzipped")
+    return root
 
 
-def resolve_bundled(path: str | Path) -> Path:
-    """A path as given if it exists from the working directory, else relative to the repository root."""
-    path = Path(path)
-    if path.is_absolute() or path.exists():
+def bundled_file(relative: str) -> Path:
+    """`data/codiesp/train.jsonl` → that file inside the installed package; a missing one is a CmftError."""
+    top, _, rest = relative.strip().lstrip("/").partition("/")
+    if top not in BUNDLED_FOLDERS or not rest:
+        raise CmftError(
+            f"{BUNDLED_PREFIX}{relative}: bundled paths start with one of {', '.join(f + '/' for f in BUNDLED_FOLDERS)}"
+        )
+    root = bundled_folder(top)
+    path = (root / rest).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.exists():
+        raise CmftError(f"{BUNDLED_PREFIX}{relative}: no such file in the installed cmft package")
+    return path
+
+
+def is_bundled(given: str | Path) -> bool:
+    return isinstance(given, str) and given.startswith(BUNDLED_PREFIX)
+
+
+def resolve_path(given: str | Path) -> Path:
+    """`bundled:...` → the package's copy (must exist); anything else → the path as given, from the working
+    directory (existence is the caller's check, so it can name its config field)."""
+    if is_bundled(given):
+        return bundled_file(str(given)[len(BUNDLED_PREFIX) :])
+    return Path(given).expanduser()
+
+
+def bundled_configs(folder: str) -> dict[str, Path]:
+    """Bundled YAML files of `recipes` or `pretrain` by name (file stem)."""
+    return {path.stem: path for path in sorted(bundled_folder(folder).glob("*.yaml"))}
+
+
+def looks_like_path(given: str | Path) -> bool:
+    """A config argument is a path when it has a folder part or a YAML suffix; otherwise it is a bundled name."""
+    text = str(given)
+    return isinstance(given, Path) or "/" in text or "\\" in text or text.endswith((".yaml", ".yml"))
+
+
+def resolve_config(given: str | Path, folder: str, what: str, list_command: str) -> Path:
+    """A bundled name (`icd_coding`) → the package's copy; a path → from the working directory; else CmftError."""
+    if is_bundled(given):
+        return resolve_path(given)
+    if looks_like_path(given):
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise CmftError(f"{given}: {what} file not found")
         return path
-    candidate = repo_root() / path
-    return candidate if candidate.exists() else path
+    named = bundled_configs(folder)
+    if str(given) in named:
+        return named[str(given)]
+    raise CmftError(
+        f"{given}: no bundled {what} of that name (bundled: {', '.join(named) or 'none'}; `{list_command}`)"
+    )

@@ -11,7 +11,7 @@ from typing import Any
 
 from cmft.errors import CmftError
 from cmft.finetuning.config import DataConfig, FolderSplit
-from cmft.paths import resolve_bundled
+from cmft.paths import resolve_path
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Split:
 
 
 def existing(path: str, field_name: str) -> Path:
-    resolved = resolve_bundled(path)
+    resolved = resolve_path(path)  # `bundled:...` raises itself when missing
     if not resolved.exists():
         raise CmftError(f"{field_name}: {path}: file not found")
     return resolved

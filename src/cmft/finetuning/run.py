@@ -7,25 +7,18 @@ from pathlib import Path
 from cmft.config import load_config
 from cmft.errors import CmftError
 from cmft.finetuning.config import RecipeConfig
-from cmft.paths import repo_root
+from cmft.paths import bundled_configs, resolve_config
 from cmft.runs import run_or_discard, start_or_resume
 
 
 def bundled_recipes() -> dict[str, Path]:
-    folder = repo_root() / "recipes"
-    return {path.stem: path for path in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    return bundled_configs("recipes")
 
 
 def resolve_recipe(recipe: str | Path) -> Path:
-    """A path, or the name of a bundled recipe (`icd_coding`, `note_classification`, ...)."""
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    named = bundled_recipes().get(str(recipe).removesuffix(".yaml"))
-    if named is not None:
-        return named
-    known = ", ".join(bundled_recipes()) or "none"
-    raise CmftError(f"{recipe}: no such recipe file or bundled recipe (bundled: {known})")
+    """The name of a bundled recipe (`icd_coding`, ...) → the package's copy; a path (`my/recipe.yaml`) → from the
+    working directory. Never one for the other."""
+    return resolve_config(recipe, "recipes", "recipe", "cmft recipes list")
 
 
 def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> RecipeConfig:

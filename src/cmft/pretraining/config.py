@@ -103,7 +103,9 @@ class MaskingConfig(StrictModel):
     medical_weight: float = Field(2.0, ge=1.0)
     """How much more likely a medical word is to be chosen than another word (1 = uniform masking)."""
     whole_word: Literal["medical", "all", "none"] = "medical"
-    lexicon: list[str] = Field(default_factory=lambda: ["pretrain/lexicon/drugs.txt", "pretrain/lexicon/icd_terms.txt"])
+    lexicon: list[str] = Field(
+        default_factory=lambda: ["bundled:pretrain/lexicon/drugs.txt", "bundled:pretrain/lexicon/icd_terms.txt"]
+    )
     mask_token_fraction: float = Field(0.8, ge=0, le=1)
     random_token_fraction: float = Field(0.1, ge=0, le=1)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmft.errors import CmftError
-from cmft.paths import data_dir
+from cmft.paths import bundled_folder
 from cmft.pretraining.config import CorpusConfig, SourceConfig
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def dotted_icd9(code: str) -> str:
 
 def _icd_lines(file_name: str, system: str) -> Iterator[str]:
     dotted = dotted_icd10 if system == "ICD-10-CM" else dotted_icd9
-    with gzip.open(data_dir() / "icd_codes" / file_name, "rt", encoding="utf-8") as handle:
+    with gzip.open(bundled_folder("data") / "icd_codes" / file_name, "rt", encoding="utf-8") as handle:
         reader = csv.reader(handle, delimiter="\t")
         next(reader)  # header
         for code, description in reader:
@@ -40,7 +40,7 @@ def _icd_lines(file_name: str, system: str) -> Iterator[str]:
 
 
 def _mts_dialog_train() -> Iterator[str]:
-    with open(data_dir() / "mts_dialog" / "train.csv", encoding="utf-8", newline="") as handle:
+    with open(bundled_folder("data") / "mts_dialog" / "train.csv", encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle):
             yield row["section_text"]
             yield row["dialogue"]
@@ -48,13 +48,13 @@ def _mts_dialog_train() -> Iterator[str]:
 
 def _codiesp_train() -> Iterator[str]:
     # Only the train split: dev and test notes are fine-tuning evaluation data and never enter MLM.
-    with open(data_dir() / "codiesp" / "train.jsonl", encoding="utf-8") as handle:
+    with open(bundled_folder("data") / "codiesp" / "train.jsonl", encoding="utf-8") as handle:
         for line in handle:
             yield json.loads(line)["text"]
 
 
 def _pubmedqa() -> Iterator[str]:
-    with open(data_dir() / "pubmedqa" / "abstracts.txt", encoding="utf-8") as handle:
+    with open(bundled_folder("data") / "pubmedqa" / "abstracts.txt", encoding="utf-8") as handle:
         yield from handle
 
 

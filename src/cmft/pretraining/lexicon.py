@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cmft.errors import CmftError
-from cmft.paths import resolve_bundled
+from cmft.paths import resolve_path
 
 WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-'][A-Za-z0-9]+)*")
 # ICD-10-CM (E11.9, Z20.818, S72.001A) and ICD-9-CM (250.00, V10.46, E888.9) codes as written in notes.
@@ -26,7 +26,7 @@ class Lexicon:
     def from_files(cls, paths: Iterable[str | Path]) -> Lexicon:
         words: set[str] = set()
         for given in paths:
-            path = resolve_bundled(given)
+            path = resolve_path(given)
             if not path.is_file():
                 raise CmftError(f"masking.lexicon: {given}: file not found")
             try:

@@ -5,11 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmft.config import load_config
-from cmft.paths import resolve_bundled
+from cmft.paths import bundled_configs, resolve_config
 from cmft.pretraining.config import PretrainConfig
 from cmft.runs import run_or_discard, start_or_resume
 
-DEFAULT_CONFIG = "pretrain/clinical_tiny.yaml"
+DEFAULT_CONFIG = "clinical_tiny"
+
+
+def bundled_pretrain_configs() -> dict[str, Path]:
+    return bundled_configs("pretrain")
+
+
+def resolve_pretrain_config(config: str | Path | None) -> Path:
+    """A bundled name (`clinical_tiny`, the default) → the package's copy; a path → from the working directory."""
+    return resolve_config(config or DEFAULT_CONFIG, "pretrain", "pretraining config", "cmft configs list")
 
 
 def pretrain(
@@ -23,7 +32,7 @@ def pretrain(
     config, final, work = start_or_resume(
         "pretrain",
         PretrainConfig,
-        lambda: load_config(PretrainConfig, resolve_bundled(config_path or DEFAULT_CONFIG), overrides),
+        lambda: load_config(PretrainConfig, resolve_pretrain_config(config_path), overrides),
         output_dir,
         resume,
         overrides,

@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from cmft import __version__
 from cmft.errors import CmftError
 from cmft.pretraining.config import CorpusConfig
 from cmft.pretraining.corpus import Corpus, source_files, split_documents
 from cmft.pretraining.lexicon import Lexicon
 from cmft.pretraining.packing import Document, PackedRow, pack_first_fit_decreasing, tokenize_documents
+from cmft.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -268,13 +268,13 @@ class IcdCodingTask:
 
 def _init_queries_from_descriptions(coder: IcdCoder, tokenizer, labels: list[str]) -> None:
     """Label query u_l ← tanh(W · mean-pooled encoding of the code's ICD-10-CM description) (when known)."""
-    from cmft.paths import data_dir
+    from cmft.paths import bundled_file
 
     descriptions: dict[str, str] = {}
     import csv
     import gzip
 
-    with gzip.open(data_dir() / "icd_codes" / "icd10cm_2024_codes.tsv.gz", "rt", encoding="utf-8") as handle:
+    with gzip.open(bundled_file("data/icd_codes/icd10cm_2024_codes.tsv.gz"), "rt", encoding="utf-8") as handle:
         for code, text in csv.reader(handle, delimiter="\t"):
             descriptions.setdefault(normalize_code(code), text)
             descriptions.setdefault(normalize_code(code, "category"), text)

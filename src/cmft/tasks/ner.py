@@ -14,7 +14,7 @@ from transformers import AutoModelForTokenClassification, DataCollatorForTokenCl
 
 from cmft.errors import CmftError
 from cmft.metrics import PRIMARY_METRIC
-from cmft.paths import resolve_bundled
+from cmft.paths import resolve_path
 from cmft.tasks.common import head_modules, saved_labels
 
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -145,7 +145,7 @@ class NerTask:
         source = getattr(self.recipe.data, name)
         if source is None:
             return None
-        path = resolve_bundled(source)
+        path = resolve_path(source)
         if not path.is_file():
             raise CmftError(f"data.{name}: {source}: file not found")
         if path.suffix == ".jsonl":

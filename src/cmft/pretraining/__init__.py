@@ -1,0 +1,1 @@
+"""Pretraining: corpus, vocabulary, masking, packing and the MLM engine behind `cmft pretrain`."""
