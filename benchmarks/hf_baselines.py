@@ -111,8 +111,9 @@ def note_classification(encoder: str, out: Path, epochs: float, max_length: int,
 
 def ner(encoder: str, out: Path, epochs: float, max_length: int, seed: int, max_steps: int | None = None) -> dict:
     """run_ner.py: words pre-split, the first sub-token of each word labelled, truncation at max_length."""
+    from cmft.data.ner import read_conll
     from cmft.metrics import entity_metrics
-    from cmft.tasks.ner import read_conll, to_iob2
+    from cmft.tasks.ner import to_iob2
 
     tokenizer = AutoTokenizer.from_pretrained(encoder, add_prefix_space=True) if _bpe(encoder) else (
         AutoTokenizer.from_pretrained(encoder))  # fmt: skip

@@ -33,8 +33,7 @@ import torch  # noqa: E402
 
 from cmft.export import export_run  # noqa: E402
 from cmft.finetuning.run import finetune  # noqa: E402
-from cmft.inference import load_run  # noqa: E402
-from cmft.predict import OnnxBackend, TorchBackend  # noqa: E402
+from cmft.inference import OnnxBackend, TorchBackend, load_run  # noqa: E402
 
 RECIPES = {"note_classification": [], "ner": [], "icd_coding": [], "retrieval": []}
 SHAPES = {"batch8x256": (8, 256), "note2048": (1, 2048)}

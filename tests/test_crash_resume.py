@@ -60,6 +60,15 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(expected[name], got[name]), name
 
 
+def kill_step(low: int, high: int) -> int:
+    """A step in [low, high] to kill at, drawn from a seed that is printed (shown with a failure): rerun the same
+    draw with CMFT_CRASH_SEED=<seed>."""
+    seed = int(os.environ.get("CMFT_CRASH_SEED") or random.SystemRandom().randrange(2**32))
+    step = random.Random(seed).randint(low, high)
+    print(f"killing at step {step}: CMFT_CRASH_SEED={seed}")
+    return step
+
+
 def _same_metrics(a: Path, b: Path) -> None:
     first, second = json.loads(a.read_text()), json.loads(b.read_text())
     keep = [k for k in first if not any(t in k for t in TIMING)]
@@ -75,9 +84,10 @@ def pretrain_reference(tmp_path_factory) -> tuple[Path, Path]:
     return config, pretrain(config, output_dir=root / "reference")
 
 
+@pytest.mark.slow
 def test_sigkill_during_pretraining_then_resume_is_bitwise_identical(pretrain_reference, tmp_path):
     config, reference = pretrain_reference
-    step = random.Random().randint(2, 7)  # a different step each run; the assertion holds for any
+    step = kill_step(2, 7)  # a different step each run; the assertion holds for any
     out = tmp_path / "killed"
     partial = out.with_name("killed.partial")
     code = _kill_at_step(["pretrain", str(config), "--output-dir", str(out)], partial, step)
@@ -106,6 +116,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(pretrain_reference, tmp_path):
     config, reference = pretrain_reference
     out = tmp_path / "torn"
@@ -125,12 +136,13 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(pretrain_referenc
     _same_metrics(reference / "metrics.json", out / "metrics.json")
 
 
+@pytest.mark.slow
 def test_sigkill_during_finetuning_then_resume_is_bitwise_identical(tiny_encoder, tmp_path):
     from cmft.finetuning.run import finetune
 
     args = ["note_classification", f"model.encoder={tiny_encoder}", *FINETUNE]
     reference = finetune(args[0], args[1:], output_dir=tmp_path / "reference")
-    step = random.Random().randint(2, 7)
+    step = kill_step(2, 7)
     out = tmp_path / "killed"
     partial = out.with_name("killed.partial")
     assert _kill_at_step(["finetune", *args, "--output-dir", str(out)], partial, step) == -signal.SIGKILL
@@ -146,7 +158,7 @@ def test_watchdog_stops_a_diverging_run_and_keeps_the_last_good_checkpoint(fault
                                                                             monkeypatch, capsys):  # fmt: skip
     """The loss turns NaN (or 1000× larger) from step 7: the run stops there with one line, exit 1, and keeps
     checkpoint-6 (written before the fault) for `--resume`; the folder stays unfinished."""
-    from cmft.finetuning.engine import FinetuneTrainer
+    from cmft.finetuning.trainer import FinetuneTrainer
     from tests.conftest import run_inline
 
     original = FinetuneTrainer.compute_loss

@@ -64,6 +64,7 @@ def pretrain_pair(tmp_path_factory):
     return root / "one", root / "two", two
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(pretrain_pair):
     one, two, _ = pretrain_pair
     losses_one, losses_two = _losses(one), _losses(two)
@@ -78,6 +79,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(pretrain_pair):
     assert shares[0] == shares[1]  # counted over both processes' shards, and the same masks
 
 
+@pytest.mark.slow
 def test_rank_0_alone_writes_one_run_folder_and_reports_the_split(pretrain_pair):
     _, two, result = pretrain_pair
     assert sorted(p.name for p in two.parent.iterdir() if p.name.startswith("two")) == ["two"]
@@ -94,6 +96,7 @@ def test_rank_0_alone_writes_one_run_folder_and_reports_the_split(pretrain_pair)
     }
 
 
+@pytest.mark.slow
 def test_two_process_finetuning_smoke(tiny_encoder, tmp_path):
     out = tmp_path / "runs" / "nc"
     result = run_torchrun("finetune", "note_classification", f"model.encoder={tiny_encoder}", "training.max_steps=4",
@@ -106,6 +109,7 @@ def test_two_process_finetuning_smoke(tiny_encoder, tmp_path):
     assert (out / "model" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_two_process_retrieval_smoke(tiny_encoder, tmp_path):
     # in-batch negatives gathered across processes; rank 0 decides the loss for both (memory check)
     out = tmp_path / "runs" / "ret"
@@ -185,6 +189,7 @@ def test_packed_batches_use_cu_seq_lens_under_flash_attention():
     assert set(sdpa["attention_mask"]) == {"full_attention", "sliding_attention"} and "cu_seq_lens_q" not in sdpa
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_exits_2_with_one_line_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmark would run")

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmft.backend_metrics import split_metrics
+from cmft.data.ner import read_conll
+from cmft.evaluation import evaluate_loaded
 from cmft.export import export_run
 from cmft.finetuning.run import finetune
-from cmft.inference import load_export, load_run, ner_entities
-from cmft.predict import OnnxBackend, TorchBackend, predict_texts
-from cmft.tasks.ner import read_conll
+from cmft.inference import OnnxBackend, TorchBackend, load_export, load_run, predict_texts
+from cmft.tasks.ner import entities
 from tests.conftest import REPO, run_cmft, run_inline
 
 QUICK = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.threads=2"]
@@ -49,6 +49,7 @@ def exports(runs, tmp_path_factory) -> dict[str, Path]:
     return {name: export_run(run, root / name)[0] for name, run in runs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_every_head_exports_with_parity(exports, name):
     folder = exports[name]
@@ -66,6 +67,7 @@ def test_every_head_exports_with_parity(exports, name):
         assert 0 < manifest["threshold"] < 1 and manifest["labels"]
 
 
+@pytest.mark.slow
 def test_pretrain_run_exports_the_encoder(tiny_encoder, tmp_path):
     folder, report = export_run(tiny_encoder.parent, tmp_path / "encoder")
     assert report["task"] == "encoder" and report["passed"]
@@ -87,44 +89,46 @@ def _test_texts(task: str) -> list[str]:
         return [json.loads(line)["text"] for line in handle]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_torch_and_onnx_predictions_agree_on_the_test_split(runs, exports, name):
     run, folder = load_run(runs[name]), load_export(exports[name])
-    texts = _test_texts(run.task)
+    task = run.task.name
+    texts = _test_texts(task)
     torch_results, torch_counts = predict_texts(run, TorchBackend(run.module), texts, batch_size=16)
     onnx_results, onnx_counts = predict_texts(folder, OnnxBackend(exports[name] / "model.onnx"), texts, 16)
     assert torch_counts == onnx_counts
-    key = {"note_classification": "label", "ner": "entities", "icd_coding": "codes", "retrieval": "embedding"}[run.task]
-    if run.task == "icd_coding":
+    key = {"note_classification": "label", "ner": "entities", "icd_coding": "codes", "retrieval": "embedding"}[task]
+    if task == "icd_coding":
         assert [[c["code"] for c in r["codes"]] for r in torch_results] == [
             [c["code"] for c in r["codes"]] for r in onnx_results
         ]
         assert sum(len(r["codes"]) for r in torch_results) > 0
-    elif run.task == "retrieval":
+    elif task == "retrieval":
         a = np.array([r[key] for r in torch_results])
         b = np.array([r[key] for r in onnx_results])
         assert np.abs(a - b).max() < 1e-4
     else:
         assert [r[key] for r in torch_results] == [r[key] for r in onnx_results]
-    if run.task != "ner":  # the metric computed through each back end agrees as well
-        torch_metrics = split_metrics(run, TorchBackend(run.module), "test")
-        onnx_metrics = split_metrics(run, OnnxBackend(exports[name] / "model.onnx"), "test")
-        metric = {"note_classification": "macro_f1", "icd_coding": "micro_f1", "retrieval": "ndcg@10"}[run.task]
+    if task != "ner":  # the metric computed through each back end agrees as well
+        torch_metrics = evaluate_loaded(run, TorchBackend(run.module), "test")
+        onnx_metrics = evaluate_loaded(run, OnnxBackend(exports[name] / "model.onnx"), "test")
+        metric = {"note_classification": "macro_f1", "icd_coding": "micro_f1", "retrieval": "ndcg@10"}[task]
         assert torch_metrics[metric] == pytest.approx(onnx_metrics[metric], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_metrics_through_torch_backend_match_metrics_json(runs):
     run = load_run(runs["note_classification"])
     metrics = json.loads((runs["note_classification"] / "metrics.json").read_text())
-    assert split_metrics(run, TorchBackend(run.module), "test")["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert evaluate_loaded(run, TorchBackend(run.module), "test")["macro_f1"] == pytest.approx(metrics["macro_f1"])
 
 
+@pytest.mark.slow
 def test_ner_entities_carry_character_offsets(runs):
     run = load_run(runs["ner"])
     text = "Germline mutations of  BRCA1 cause breast cancer ."
-    from cmft.inference import encode_texts
-
-    units, _ = encode_texts(run, [text])
+    units, _ = run.task.encode(run.tokenizer, [text], run.meta)
     labels = run.meta["labels"]
     outputs = []
     for unit in units:  # fake logits: B-Disease on "breast", I-Disease on "cancer", O elsewhere
@@ -136,10 +140,11 @@ def test_ner_entities_carry_character_offsets(runs):
             if word == 6:
                 logits[position, labels.index("I-Disease")] = 5.0
         outputs.append(logits)
-    entities = ner_entities(run, text, outputs, units)
-    assert entities == [{"start": 35, "end": 48, "label": "Disease", "text": "breast cancer"}]
+    found = entities(labels, text, outputs, units)
+    assert found == [{"start": 35, "end": 48, "label": "Disease", "text": "breast cancer"}]
 
 
+@pytest.mark.slow
 def test_long_ner_text_is_windowed_not_truncated(runs):
     run = load_run(runs["ner"])
     text = " ".join(["autosomal dominant polycystic kidney disease ."] * 60)
@@ -148,6 +153,7 @@ def test_long_ner_text_is_windowed_not_truncated(runs):
     assert all(text[e["start"] : e["end"]] == e["text"] for e in results[0]["entities"])
 
 
+@pytest.mark.slow
 def test_int8_export_records_the_dev_metric_cost(runs, tmp_path, capsys):
     folder, report = export_run(runs["note_classification"], tmp_path / "q", quantize="int8")
     q = report["int8"]
@@ -163,6 +169,7 @@ def test_int8_export_records_the_dev_metric_cost(runs, tmp_path, capsys):
     assert [line["id"] for line in lines] == ["1", "3"] and "1 empty, skipped" in stderr
 
 
+@pytest.mark.slow
 def test_parity_failure_exits_1_and_marks_the_folder(runs, tmp_path, capsys):
     result = run_cmft("export", str(runs["note_classification"]), "--onnx", "--output-dir", str(tmp_path / "x"),
                       "tolerance=1e-15")  # fmt: skip
@@ -175,6 +182,7 @@ def test_parity_failure_exits_1_and_marks_the_folder(runs, tmp_path, capsys):
     assert code == 2 and "failed its parity check" in stderr
 
 
+@pytest.mark.slow
 def test_predict_cli_writes_jsonl_in_input_order(runs, tmp_path, capsys):
     inputs = tmp_path / "notes.jsonl"
     rows = [{"id": "a", "text": "Hypertension and type 2 diabetes. " * 40}, {"id": "b", "text": "None."}]
@@ -186,6 +194,7 @@ def test_predict_cli_writes_jsonl_in_input_order(runs, tmp_path, capsys):
     assert "1 truncated" in stderr  # 400 words > 128 tokens: truncated, and said so
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2(runs, exports, tmp_path, capsys):
     good = tmp_path / "in.txt"
     good.write_text("Chest pain.\n", encoding="utf-8")
@@ -220,9 +229,10 @@ def test_bad_inputs_exit_2(runs, exports, tmp_path, capsys):
         assert len(stderr.strip().splitlines()) == 1, stderr
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_ner_metrics(runs):
     """Token logits from batches of different widths (the bug: `cmft evaluate` on NER crashed)."""
-    from cmft.finetuning.evaluate import evaluate_run
+    from cmft.evaluation import evaluate_run
 
     metrics = json.loads((runs["ner"] / "metrics.json").read_text())
     assert evaluate_run(runs["ner"], "test")["f1"] == pytest.approx(metrics["f1"])

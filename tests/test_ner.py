@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from cmft.data.ner import read_conll, read_span_jsonl
 from cmft.errors import CmftError
 from cmft.finetuning.run import finetune
 from cmft.metrics import entity_metrics
-from cmft.tasks.ner import align_windows, merge_windows, read_conll, read_span_jsonl, repair_tags, to_iob2
+from cmft.tasks.ner import align_windows, merge_windows, repair_tags, to_iob2
 from tests.conftest import run_cmft
 
 
@@ -94,6 +95,7 @@ def test_readers(tmp_path):
     assert tags == ["O", "O", "B-Disease", "I-Disease", "O", "B-Disease", "O"]
 
 
+@pytest.mark.slow
 def test_ner_recipe_end_to_end(tiny_encoder, tmp_path):
     run = finetune("ner", [f"model.encoder={tiny_encoder}", "training.max_steps=4", "training.eval_every=2",
                            "training.max_length=64"], output_dir=tmp_path / "ner")  # fmt: skip
@@ -106,13 +108,69 @@ def test_ner_recipe_end_to_end(tiny_encoder, tmp_path):
     assert model.config.id2label == {0: "O", 1: "B-Disease", 2: "I-Disease"}
     # predictions come back in dataset order (windows are merged per sentence by position): `cmft evaluate`,
     # which predicts sentence by sentence, must give the same scores as the training run
-    from cmft.finetuning.evaluate import evaluate_run
+    from cmft.evaluation import evaluate_run
 
     again = evaluate_run(run, "test")
     for key in ("precision", "recall", "f1"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-9), key
+    _raw_text_predictions_are_what_evaluation_scored(run)
 
 
+def _as_written(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """A tokenised sentence as a person writes it: no spaces around hyphens and apostrophes ("X-linked",
+    "Alzheimer's"), and each word's character span."""
+    text, spans = "", []
+    for i, word in enumerate(words):
+        if i and word not in "-'" and words[i - 1] not in "-'":
+            text += " "
+        spans.append((len(text), len(text) + len(word)))
+        text += word
+    return text, spans
+
+
+def _entity_spans(spans: list[tuple[int, int]], tags: list[str]) -> list[tuple[int, int, str]]:
+    found: list[list] = []
+    for (start, end), tag in zip(spans, tags, strict=True):
+        if tag.startswith("B-"):
+            found.append([start, end, tag[2:]])
+        elif tag.startswith("I-") and found:
+            found[-1][1] = end
+    return [tuple(entity) for entity in found]
+
+
+def _raw_text_predictions_are_what_evaluation_scored(run):
+    """`cmft predict` on raw text splits words as training and evaluation do (the bug: "X-linked" was one word at
+    prediction, three in training), so it returns exactly the entities evaluation scored — checked on the test
+    sentences with hyphens or apostrophes, with the trained model and with logits that depend on each token (so
+    that entities are found whatever a 4-step model predicts)."""
+    from cmft.evaluation import split_outputs
+    from cmft.inference import TorchBackend, load_run, predict_texts
+    from cmft.tasks import get_task
+
+    loaded = load_run(run)
+    task = get_task(loaded.recipe)
+    task.restore(loaded.meta)
+    task.prepare(loaded.tokenizer, splits=("test",))
+    chosen = [i for i, (words, _) in enumerate(task.sentences["test"]) if {"-", "'"} & set(words)]
+    assert len(chosen) == 383  # of NCBI-disease's 940 test sentences
+    written = [_as_written(task.sentences["test"][i][0]) for i in chosen]
+    labels = len(loaded.meta["labels"])
+
+    def by_token(ids, mask):
+        logits = np.zeros((*ids.shape, labels), dtype=np.float32)
+        np.put_along_axis(logits, (ids % labels)[..., None], 1.0, axis=-1)
+        return logits
+
+    for backend in (TorchBackend(loaded.module), by_token):
+        tags = task.word_predictions(split_outputs(task, backend, "test", 16, loaded.pad_id), "test")
+        expected = [_entity_spans(spans, tags[i]) for i, (_, spans) in zip(chosen, written, strict=True)]
+        results, counts = predict_texts(loaded, backend, [text for text, _ in written])
+        assert counts["n_truncated"] == 0
+        assert [[(e["start"], e["end"], e["label"]) for e in r["entities"]] for r in results] == expected
+    assert sum(map(len, expected)) > 100
+
+
+@pytest.mark.slow
 def test_unknown_test_tag_and_malformed_lines_exit_2(tiny_encoder, tmp_path):
     lines = __import__("pathlib").Path("data/ncbi_disease/test.tsv").read_text(encoding="utf-8").splitlines()
     lines[0] = lines[0].split("\t")[0] + "\tB-Chemical"

@@ -8,6 +8,7 @@ import importlib.metadata
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cmft.paths import BUNDLED_FOLDERS, bundled_file, bundled_folder
@@ -28,6 +29,7 @@ def _examples(stdout: str) -> dict[str, int]:
     return {name: int(n) for name, n in re.findall(r"(train|dev|test) (\d+)", stdout.split("examples:")[1])}
 
 
+@pytest.mark.slow
 def test_a_data_folder_in_the_working_directory_does_not_change_a_bundled_recipe(tmp_path, tiny_encoder):
     empty, shadowed = tmp_path / "empty", tmp_path / "shadowed"
     empty.mkdir()

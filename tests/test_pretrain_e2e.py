@@ -81,6 +81,7 @@ def test_model_loads_offline_with_plain_transformers(finished_run):
     assert hidden.shape[-1] == mlm.config.hidden_size and torch.isfinite(hidden).all()
 
 
+@pytest.mark.slow
 def test_long_context_stage_raises_global_rope_theta(small_config, tmp_path):
     config = small_config(
         {
@@ -96,6 +97,7 @@ def test_long_context_stage_raises_global_rope_theta(small_config, tmp_path):
     assert summary["long_context_steps"] == 2
 
 
+@pytest.mark.slow
 def test_continued_pretraining_refines_the_vocabulary(finished_run, small_config, tmp_path):
     config = small_config(
         {
@@ -121,6 +123,7 @@ def _only_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("update", "overrides", "expected"),
     [
@@ -141,6 +144,7 @@ def test_bad_input_exits_2_with_one_line_and_no_run_folder(small_config, tmp_pat
     assert not out.exists() and not out.with_name("bad.partial").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("content", "expected"), [(b"", "no non-empty document"), (b"\xff\xfe bad\n", "not UTF-8")])
 def test_empty_or_non_utf8_corpus(small_config, tmp_path, content, expected):
     corpus = tmp_path / "notes.txt"
@@ -153,11 +157,13 @@ def test_empty_or_non_utf8_corpus(small_config, tmp_path, content, expected):
     assert not out.exists() and not out.with_name("bad.partial").exists()
 
 
+@pytest.mark.slow
 def test_resume_without_an_unfinished_run(tmp_path):
     result = run_cmft("pretrain", "--resume", "--output-dir", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "no unfinished run" in _only_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_hub_id_fails_offline_with_a_clear_message(small_config, tmp_path, monkeypatch):
     config = small_config({"model": {"init_from": "answerdotai/ModernBERT-base"}})
     result = run_cmft("pretrain", str(config), "--output-dir", str(tmp_path / "hub"))
@@ -166,6 +172,7 @@ def test_hub_id_fails_offline_with_a_clear_message(small_config, tmp_path, monke
     assert "answerdotai/ModernBERT-base" in line and "local model folder" in line
 
 
+@pytest.mark.slow
 def test_cli_lists_commands_and_export_needs_a_run(tmp_path):
     help_text = run_cmft("--help").stdout
     for command in ("pretrain", "finetune", "evaluate", "predict", "export", "recipes", "validate"):

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_quality_benchmark_smoke_mode(tiny_encoder, tmp_path):
     chart = tmp_path / "quality.png"
     result = subprocess.run(
@@ -39,6 +40,7 @@ def load_quality_module():
     return module
 
 
+@pytest.mark.slow
 def test_quality_results_file_resumes_without_rerunning(tiny_encoder, tmp_path, monkeypatch):
     quality = load_quality_module()
     results = tmp_path / "quality.jsonl"
@@ -111,6 +113,7 @@ def test_random_encoder_has_a_stable_key(tiny_encoder, tmp_path):
     assert quality.encoder_key(str(fourth)) != quality.encoder_key(str(first))
 
 
+@pytest.mark.slow
 def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkeypatch):
     """Row 3 LoRA is what `cmft finetune <task>_lora` runs: adapters at the LoRA recipe's learning rate (not the full
     recipe's), and its results are keyed by that rate, so a result at another rate is never reused."""
@@ -136,6 +139,7 @@ def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkey
     assert keys[0][-1] != keys[1][-1] and keys[1][-1] == seen[1]
 
 
+@pytest.mark.slow
 def test_icd_full_row_trains_at_the_pretrained_encoder_rate(tiny_encoder, tmp_path, monkeypatch):
     """Row 3 full on ICD coding trains at the rate the recipe advises for a real pretrained encoder, not the tiny
     encoder's recipe rate; its results are keyed by it (an earlier result at the recipe's rate is not reused), and
@@ -167,6 +171,7 @@ def test_icd_full_row_trains_at_the_pretrained_encoder_rate(tiny_encoder, tmp_pa
     assert quality.full_overrides("retrieval") == [f"training.learning_rate={retrieval_rate:g}"]
 
 
+@pytest.mark.slow
 def test_small_pretraining_row_uses_its_own_encoder(tiny_encoder, tmp_path, monkeypatch):
     """tiny_small fine-tunes the clinical_small.yaml run given in --small-encoder, is keyed by that encoder (never
     confused with tiny_pretrained's results), is not run unless named, and asks for its run when it is missing."""
@@ -250,6 +255,7 @@ def test_plain_baseline_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, 
     assert resumed["macro_f1"] == whole["macro_f1"] and resumed["accuracy"] == whole["accuracy"]
 
 
+@pytest.mark.slow
 def test_seed_names_the_seeds_to_run_or_report(tmp_path, monkeypatch, capsys):
     """`--seeds 3` is seeds 42–44; `--seed 43 --seed 44` names them (here through --saved-only: no training)."""
     quality = load_quality_module()
@@ -279,6 +285,7 @@ def test_seed_names_the_seeds_to_run_or_report(tmp_path, monkeypatch, capsys):
     assert bad.value.code == 2 and "at least one seed" in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_random_encoder_is_built_only_for_its_row(tiny_encoder, tmp_path, monkeypatch, capsys):
     """The random initialisation is made (and keyed) only when tiny_random is among the rows asked for; --saved-only
     with nothing saved for the rows is a one-line error, exit 2, and draws no chart."""

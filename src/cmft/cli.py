@@ -121,7 +121,7 @@ def evaluate(
     """Recompute a run's metrics from its saved model (on its test split, this reproduces metrics.json)."""
     import json
 
-    from cmft.finetuning.evaluate import evaluate_run
+    from cmft.evaluation import evaluate_run
 
     typer.echo(json.dumps(evaluate_run(run_dir, split, data), indent=2))
 

@@ -25,14 +25,9 @@ from pydantic import Field, PositiveFloat, PositiveInt
 
 from cmft.config import StrictModel, load_config
 from cmft.errors import CmftError
-from cmft.inference import MANIFEST, Loaded, Unit, load_run
-from cmft.metrics import PRIMARY_METRIC
+from cmft.inference import MANIFEST, Loaded, OnnxBackend, TorchBackend, load_run
 from cmft.onnx_forms import export_forms
 from cmft.paths import bundled_file
-from cmft.predict import OnnxBackend, TorchBackend
-
-OUTPUTS = {"note_classification": "logits", "ner": "logits", "icd_coding": "probabilities",
-           "retrieval": "embeddings", "encoder": "last_hidden_state"}  # fmt: skip
 
 
 class ParityError(CmftError):
@@ -55,7 +50,7 @@ README = """# ONNX export of a cmft {task} model
 Made by `cmft export` from `{run}`. Files: `model.onnx`{int8}, the tokenizer (`tokenizer.json`),
 `{manifest}` (task, labels, threshold, pooling, max_length) and `parity.json` (the check against PyTorch).
 
-Inputs: `input_ids` and `attention_mask`, int64, shape [batch, sequence]{chunked}. Output `{output}`: {meaning}.
+Inputs: `input_ids` and `attention_mask`, int64, shape {shape}. Output `{output}`: {meaning}.
 
 ```python
 import json, numpy as np, onnxruntime as ort
@@ -71,15 +66,6 @@ meta = json.load(open("{manifest}"))
 
 Or with cmft, which batches, windows long texts and decodes: `cmft predict {folder} input.jsonl --onnx`.
 """
-
-MEANINGS = {
-    "note_classification": "[batch, labels] logits; softmax gives the class probabilities (labels in the manifest)",
-    "ner": "[batch, sequence, tags] logits per token; a word's tag is argmax at its first sub-token",
-    "icd_coding": "[batch, codes] probabilities (label-wise attention included); codes at or above the "
-    "manifest's `threshold` are predicted",
-    "retrieval": "[batch, dim] L2-normalised embeddings (the dot product is the cosine similarity)",
-    "encoder": "[batch, sequence, hidden] the encoder's last hidden state",
-}
 
 
 def load_export_config(overrides: list[str] | None = None) -> ExportConfig:
@@ -145,10 +131,10 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
 
         onnx.checker.check_model(str(model_path))
     loaded.tokenizer.save_pretrained(work)
-    meta = {**loaded.meta, "output": OUTPUTS[task], "opset": config.opset, "source_run": str(run_dir.resolve())}
+    meta = {**loaded.meta, "output": task.output, "opset": config.opset, "source_run": str(run_dir.resolve())}
     (work / MANIFEST).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     backend = OnnxBackend(model_path)
-    report: dict[str, Any] = {"task": task, "provider": backend.provider, "tolerance": config.tolerance,
+    report: dict[str, Any] = {"task": task.name, "provider": backend.provider, "tolerance": config.tolerance,
                               "export_seconds": round(time.monotonic() - started, 1), "traced_attention": attention,
                               "reference": "pytorch sdpa"}  # fmt: skip
     reference = load_run(run_dir)  # parity against what `cmft predict` runs in PyTorch (sdpa)
@@ -158,11 +144,10 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
     if quantize == "int8":
         report["int8"] = _quantize(reference, work, config, run_dir, backend)
     (work / "parity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    chunked = task == "icd_coding" and meta["icd"]["mode"] == "chunked"
     (work / "README.md").write_text(README.format(
-        task=task, run=run_dir.name, int8=" and `model.int8.onnx`" if quantize else "", manifest=MANIFEST,
-        chunked=" ([batch, chunks, chunk_size] for chunked ICD notes)" if chunked else "", output=OUTPUTS[task],
-        meaning=MEANINGS[task], max_length=meta["max_length"], folder=work.name.removesuffix(".partial"),
+        task=task.name, run=run_dir.name, int8=" and `model.int8.onnx`" if quantize else "", manifest=MANIFEST,
+        shape=task.input_shape(meta), output=task.output, meaning=task.output_meaning,
+        max_length=meta["max_length"], folder=work.name.removesuffix(".partial"),
     ), encoding="utf-8")  # fmt: skip
     return report
 
@@ -179,30 +164,20 @@ def _sample(loaded: Loaded, length: int, batch: int, seed: int) -> tuple[np.ndar
     for row in range(batch):
         size = max(3, length // (row + 1))
         rows.append([cls_id, *generator.choice(vocabulary, size - 2).tolist(), sep_id])
-    if task_is_chunked(meta):
-        chunk = meta["icd"]["chunk_size"]
-        units = [Unit(i, [r[s : s + chunk] for s in range(0, len(r), chunk)]) for i, r in enumerate(rows)]
-    else:
-        units = [Unit(i, r) for i, r in enumerate(rows)]
-    from cmft.inference import collate
-
-    return collate(units, tokenizer.pad_token_id or 0, meta)
-
-
-def task_is_chunked(meta: dict) -> bool:
-    return meta.get("task") == "icd_coding" and meta["icd"]["mode"] == "chunked"
+    units = [loaded.task.unit(i, row, meta) for i, row in enumerate(rows)]
+    return loaded.task.collate(units, tokenizer.pad_token_id or 0, meta)
 
 
 def _trace(loaded: Loaded, path: Path, config: ExportConfig) -> None:
     ids, mask = _sample(loaded, config.trace_length, 2, seed=0)
     axes = {0: "batch", 1: "chunks", 2: "sequence"} if ids.ndim == 3 else {0: "batch", 1: "sequence"}
-    output_axes = {0: "batch", 1: "sequence"} if loaded.task in ("ner", "encoder") else {0: "batch"}
+    output_axes = {0: "batch", 1: "sequence"} if loaded.task.token_level else {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad(), export_forms(loaded.module):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             loaded.module, (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
-            input_names=["input_ids", "attention_mask"], output_names=[OUTPUTS[loaded.task]],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, OUTPUTS[loaded.task]: output_axes},
+            input_names=["input_ids", "attention_mask"], output_names=[loaded.task.output],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, loaded.task.output: output_axes},
             opset_version=config.opset, dynamo=False,
         )  # fmt: skip
 
@@ -215,7 +190,7 @@ def _parity(loaded: Loaded, backend: OnnxBackend, config: ExportConfig) -> dict[
         ids, mask = _sample(loaded, length, config.check_batch, seed=length)
         expected, got = torch_backend(ids, mask), backend(ids, mask)
         difference = np.abs(expected.astype(np.float64) - got.astype(np.float64))
-        if loaded.task in ("ner", "encoder"):
+        if loaded.task.token_level:
             difference = difference[mask.astype(bool)]
         result[str(length)] = float(difference.max())
     return result
@@ -238,10 +213,10 @@ def _quantize(loaded: Loaded, work: Path, config: ExportConfig, run_dir: Path, f
                               "size_mb_int8": round(path.stat().st_size / 2**20, 2)}  # fmt: skip
     ids, mask = _sample(loaded, max(config.check_lengths), config.check_batch, seed=1)
     report["max_abs_diff_vs_fp32"] = float(np.abs(fp32(ids, mask) - int8(ids, mask)).max())
-    if loaded.task in PRIMARY_METRIC and loaded.recipe is not None and loaded.recipe.data.dev is not None:
-        from cmft.backend_metrics import split_metrics
+    if loaded.recipe is not None and loaded.recipe.data.dev is not None:
+        from cmft.evaluation import evaluate_loaded
 
-        metric = PRIMARY_METRIC[loaded.task]
-        before, after = split_metrics(loaded, fp32, "dev")[metric], split_metrics(loaded, int8, "dev")[metric]
+        metric = loaded.task.metric_for_best
+        before, after = evaluate_loaded(loaded, fp32, "dev")[metric], evaluate_loaded(loaded, int8, "dev")[metric]
         report |= {"metric": metric, "split": "dev", "fp32": before, "int8": after, "loss": before - after}
     return report

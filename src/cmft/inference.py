@@ -1,104 +1,48 @@
-"""Inference shared by `cmft predict` and `cmft export`.
+"""Inference back ends shared by `cmft predict`, `cmft evaluate`, `cmft export` and the benchmarks.
 
-For every run there is one torch module computing exactly what the ONNX graph computes (NER and
-note-classification logits, ICD-coding probabilities, normalised retrieval embeddings, or an encoder's last
-hidden state), the tokenisation of raw texts into its inputs, and the decoding of its outputs per task. The torch
-and onnxruntime back ends then share everything but the forward pass, so their predictions can be compared.
+A loaded run or export is its task class, the manifest (`meta`: labels, threshold, max_length, ...), the tokenizer
+and, for a run, the torch module computing exactly what the ONNX graph computes. A back end maps a padded batch
+(input_ids, attention_mask) to that output, in torch or onnxruntime, so both share everything but the forward pass
+and their predictions can be compared. Which task it is only matters to the task class.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from cmft.config import read_yaml
 from cmft.errors import CmftError
+from cmft.tasks import BARE_ENCODER, task_class
+from cmft.tasks.base import Unit
 
 MANIFEST = "cmft_export.json"
-WORD = re.compile(r"\w+(?:[-'’]\w+)*|[^\w\s]")
-"""NER on raw text: words and punctuation marks as separate tokens, as in the CoNLL-style training data."""
+Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-# torch modules with the exported signature (input_ids, attention_mask) -> one tensor ---------------------------
-class LogitsModule(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-
-
-class IcdModule(nn.Module):
-    """Probabilities of every code. Chunked input [B, C, S] encodes every chunk (no data-dependent skipping, so it
-    traces) and zeroes the states of padding chunks, which the label attention masks out anyway."""
-
-    def __init__(self, coder: nn.Module):
-        super().__init__()
-        self.coder = coder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if input_ids.dim() == 2:
-            states = self.coder.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask
-        else:
-            batch, chunks, size = input_ids.shape
-            flat_mask = attention_mask.reshape(-1, size)
-            states = self.coder.encoder(input_ids=input_ids.reshape(-1, size), attention_mask=flat_mask)
-            states = states.last_hidden_state
-            states = torch.where(flat_mask[..., None].bool(), states, torch.zeros_like(states))
-            states, mask = states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
-        return torch.sigmoid(self.coder.head(states, mask))
-
-
-class EmbeddingModule(nn.Module):
-    """Mean (or CLS) pooling then L2 normalisation: what the saved SentenceTransformer computes."""
-
-    def __init__(self, encoder: nn.Module, pooling: str):
-        super().__init__()
-        self.encoder = encoder
-        self.pooling = pooling
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        if self.pooling == "cls":
-            pooled = states[:, 0]
-        else:
-            weights = attention_mask[..., None].float()
-            pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-        return nn.functional.normalize(pooled, dim=-1)
-
-
-class EncoderModule(nn.Module):
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-
-
-# loading ------------------------------------------------------------------------------------------------------
 @dataclass
 class Loaded:
-    task: str
-    """note_classification | icd_coding | ner | retrieval | encoder (a pretrain run)."""
+    task: type
+    """The task class (cmft.tasks): encoding, collating and decoding for this model."""
     tokenizer: Any
     meta: dict[str, Any]
     """labels, threshold, icd settings, pooling, max_length, stride: everything decoding needs (the manifest)."""
     module: nn.Module | None = None
     recipe: Any = None
     run_dir: Path | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
 
+# loading ------------------------------------------------------------------------------------------------------
 def run_kind(run_dir: Path) -> str:
     """`finetune`, `pretrain` or `export` for a folder; a one-line error for anything else."""
     if (run_dir / MANIFEST).is_file():
@@ -115,9 +59,8 @@ def run_kind(run_dir: Path) -> str:
 def load_run(run_dir: str | Path, attention: str = "sdpa") -> Loaded:
     """The torch inference module of a finished fine-tuning or pretraining run, on CPU in eval mode.
 
-    `attention="eager"` is for tracing to ONNX: the exported sdpa graph guards fully-masked rows with
-    IsNaN/Where over the whole score matrix, which made onnxruntime 1.5× slower on long notes (profiled)."""
-    from transformers import AutoModel, AutoTokenizer
+    `attention` other than sdpa is for tracing to ONNX (see cmft.export)."""
+    from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
     kind = run_kind(run_dir)
@@ -128,48 +71,15 @@ def load_run(run_dir: str | Path, attention: str = "sdpa") -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise CmftError(f"{model_dir}: the tokenizer does not load ({type(exc).__name__})") from None
-    if kind == "pretrain":
-        encoder = _load(AutoModel, model_dir, attention)
-        meta = {"task": "encoder", "max_length": int(encoder.config.max_position_embeddings)}
-        return Loaded("encoder", tokenizer, meta, EncoderModule(encoder).eval(), run_dir=run_dir)
+    recipe = None
+    if kind == "finetune":
+        from cmft.config import build_config
+        from cmft.finetuning.config import RecipeConfig
 
-    from cmft.config import build_config
-    from cmft.finetuning.config import RecipeConfig
-
-    recipe = build_config(RecipeConfig, read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
-    meta: dict[str, Any] = {"task": recipe.task, "max_length": recipe.training.max_length}
-    if recipe.task == "retrieval":
-        pooling = recipe.retrieval.pooling
-        module = EmbeddingModule(_load(AutoModel, model_dir, attention), pooling)
-        meta |= {"pooling": pooling, "normalized": True}
-    elif recipe.task == "icd_coding":
-        from cmft.tasks.icd_coding import IcdCoder
-
-        coder = _load(IcdCoder, model_dir, attention)
-        module = IcdModule(coder)
-        meta |= {"labels": coder.settings["labels"], "threshold": coder.settings["threshold"],
-                 "icd": coder.settings}  # fmt: skip
-    else:
-        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-        auto = AutoModelForTokenClassification if recipe.task == "ner" else AutoModelForSequenceClassification
-        model = _load(auto, model_dir, attention)
-        meta["labels"] = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-        if recipe.task == "ner":
-            meta["stride"] = recipe.ner.stride
-        module = LogitsModule(model)
-    return Loaded(recipe.task, tokenizer, meta, module.eval(), recipe=recipe, run_dir=run_dir)
-
-
-def _load(cls, model_dir: Path, attention: str):
-    from cmft.modeling import check_model_folder
-
-    check_model_folder(model_dir, "run")  # safetensors only, intact, tokenizer fits the model
-    try:
-        model = cls.from_pretrained(model_dir, attn_implementation=attention, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CmftError(f"{model_dir}: the model does not load ({type(exc).__name__}: {str(exc)[:120]})") from None
-    return model.float().eval()
+        recipe = build_config(RecipeConfig, read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
+    task = task_class(recipe.task if recipe is not None else BARE_ENCODER)
+    module, meta = task.load_inference(model_dir, recipe, attention)
+    return Loaded(task, tokenizer, meta, module, recipe=recipe, run_dir=run_dir)
 
 
 def load_export(export_dir: str | Path) -> Loaded:
@@ -186,125 +96,152 @@ def load_export(export_dir: str | Path) -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(export_dir)
     except (OSError, ValueError) as exc:
         raise CmftError(f"{export_dir}: the tokenizer does not load ({type(exc).__name__}); export again") from None
-    return Loaded(meta["task"], tokenizer, meta)
+    return Loaded(task_class(meta["task"]), tokenizer, meta)
 
 
-# texts → model inputs -----------------------------------------------------------------------------------------
-@dataclass
-class Unit:
-    """One model input row: a whole text, or one window of a long NER text."""
+def open_source(source: str | Path, onnx: bool, int8: bool = False) -> tuple[Loaded, Backend]:
+    """A run folder (torch) or an export folder (onnxruntime); a run folder with --onnx uses export/<run name>."""
+    source = Path(source)
+    kind = run_kind(source)
+    if kind != "export" and not onnx:
+        from cmft.modeling import check_model_folder
 
-    text: int
-    input_ids: Any
-    """A list of ids, or (ICD chunked) a list of chunks."""
-    window: dict | None = None
-
-    @property
-    def length(self) -> int:
-        return (
-            sum(len(c) for c in self.input_ids)
-            if self.input_ids and isinstance(self.input_ids[0], list)
-            else len(self.input_ids)
-        )
-
-
-def words_of(text: str) -> list[tuple[int, int]]:
-    return [(m.start(), m.end()) for m in WORD.finditer(text)]
+        check_model_folder(source / "model", "run")  # safetensors only, intact, tokenizer fits the model
+        loaded = load_run(source)
+        return loaded, TorchBackend(loaded.module)
+    export_dir = source if kind == "export" else Path("export") / source.resolve().name
+    if not (export_dir / MANIFEST).is_file():
+        raise CmftError(f"{source}: no ONNX export at {export_dir}; run `cmft export {source} --onnx` first")
+    loaded = load_export(export_dir)
+    name = "model.int8.onnx" if int8 else "model.onnx"
+    return loaded, OnnxBackend(export_dir / name)
 
 
-def encode_texts(loaded: Loaded, texts: list[str]) -> tuple[list[Unit], dict[str, int]]:
-    """Model input rows for raw texts, and counts of what was truncated or windowed (never silently)."""
-    tokenizer, meta = loaded.tokenizer, loaded.meta
-    limit = int(meta["max_length"])
-    counts = {"n_truncated": 0, "n_windowed": 0}
-    units: list[Unit] = []
-    if loaded.task == "icd_coding":
-        from cmft.tasks.icd_coding import encode_note
+# back ends ----------------------------------------------------------------------------------------------------
+class TorchBackend:
+    name = "torch"
+    provider = "torch-cpu"
 
-        for index, text in enumerate(texts):
-            ids, cut = encode_note(tokenizer, text, meta["icd"])
-            counts["n_truncated"] += cut
-            units.append(Unit(index, ids))
-    elif loaded.task == "ner":
-        from cmft.tasks.ner import align_windows
+    def __init__(self, module: nn.Module):
+        import torch
 
-        for index, text in enumerate(texts):
-            words = [text[s:e] for s, e in words_of(text)]
-            windows = align_windows(words, tokenizer, limit, int(meta["stride"]))
-            counts["n_windowed"] += len(windows) > 1
-            units.extend(Unit(index, w["input_ids"], w) for w in windows)
-    else:
-        encoded = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        for index, ids in enumerate(encoded):
-            if len(ids) > limit:
-                counts["n_truncated"] += 1
-                ids = [*ids[: limit - 1], ids[-1]]  # keep the closing special token
-            units.append(Unit(index, ids))
-    return units, counts
+        self.module = module
+        self.torch = torch
+        if torch.cuda.is_available():
+            self.module = module.cuda()
+            self.provider = "torch-cuda"
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        device = next(self.module.parameters()).device
+        with torch.inference_mode():
+            output = self.module(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device))
+        return output.float().cpu().numpy()
 
 
-def collate(units: list[Unit], pad_id: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Pad a batch: [B, T], or [B, C, S] for chunked ICD notes. Returns int64 input_ids and attention_mask."""
-    if meta.get("task") == "icd_coding" and meta["icd"]["mode"] == "chunked":
-        size = meta["icd"]["chunk_size"]
-        chunks = max(len(u.input_ids) for u in units)
-        ids = np.full((len(units), chunks, size), pad_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, unit in enumerate(units):
-            for c, chunk in enumerate(unit.input_ids):
-                ids[row, c, : len(chunk)] = chunk
-                mask[row, c, : len(chunk)] = 1
-        return ids, mask
-    length = max(len(u.input_ids) for u in units)
-    ids = np.full((len(units), length), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, unit in enumerate(units):
-        ids[row, : len(unit.input_ids)] = unit.input_ids
-        mask[row, : len(unit.input_ids)] = 1
-    return ids, mask
+def onnx_providers() -> list[str]:
+    """CUDAExecutionProvider first when onnxruntime-gpu sees a GPU, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-# model outputs → predictions ----------------------------------------------------------------------------------
-def decode(loaded: Loaded, text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
-    """One text's prediction from the outputs of its units (several windows for long NER texts)."""
-    meta = loaded.meta
-    if loaded.task == "note_classification":
-        logits = outputs[0].astype(np.float64)
-        probabilities = np.exp(logits - logits.max())
-        probabilities /= probabilities.sum()
-        order = np.argsort(-probabilities)
-        labels = meta["labels"]
-        return {"label": labels[order[0]], "score": round(float(probabilities[order[0]]), 6),
-                "scores": {labels[j]: round(float(probabilities[j]), 6) for j in order[:5]}}  # fmt: skip
-    if loaded.task == "icd_coding":
-        probabilities = outputs[0]
-        order = np.argsort(-probabilities, kind="stable")
-        codes = [{"code": meta["labels"][j], "probability": round(float(probabilities[j]), 6)}
-                 for j in order if probabilities[j] >= meta["threshold"]]  # fmt: skip
-        return {"codes": codes}
-    if loaded.task == "ner":
-        return {"entities": ner_entities(loaded, text, outputs, units)}
-    if loaded.task == "retrieval":
-        return {"embedding": [round(float(v), 6) for v in outputs[0]]}
-    raise CmftError("predict: a pretrained encoder has no task head; fine-tune it first (cmft finetune RECIPE)")
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise CmftError(f"{path}: file not found; run `cmft export RUN_DIR --onnx` first")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers())
+        except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, …) for a bad file
+            raise CmftError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); export it again") from None
+        self.provider = self.session.get_providers()[0]
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
 
-def ner_entities(loaded: Loaded, text: str, outputs: list[np.ndarray], units: list[Unit]) -> list[dict[str, Any]]:
-    from cmft.tasks.ner import merge_windows, repair_tags
+# running ------------------------------------------------------------------------------------------------------
+def run_units(loaded: Loaded, backend: Backend, units: list[Unit], batch_size: int, progress: bool = False,
+              pad_id: int | None = None) -> list[np.ndarray]:  # fmt: skip
+    """Outputs per unit, computed in length-sorted batches (little padding) and returned in unit order."""
+    pad_id = loaded.pad_id if pad_id is None else pad_id
+    order = sorted(range(len(units)), key=lambda i: units[i].length)
+    outputs: list[Any] = [None] * len(units)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    bar = _progress(len(batches)) if progress else None
+    for batch in batches:
+        ids, mask = loaded.task.collate([units[i] for i in batch], pad_id, loaded.meta)
+        result = backend(ids, mask)
+        for row, index in enumerate(batch):
+            outputs[index] = result[row]
+        if bar is not None:
+            bar[0].advance(bar[1])
+    if bar is not None:
+        bar[0].stop()
+    return outputs
 
-    spans = words_of(text)
-    if not spans:
-        return []
-    windows = [u.window for u in units]
-    merged = merge_windows(windows, [o[: len(w["input_ids"])] for o, w in zip(outputs, windows, strict=True)],
-                           len(spans))  # fmt: skip
-    tags = repair_tags([loaded.meta["labels"][i] for i in merged.argmax(-1)])
-    entities: list[dict[str, Any]] = []
-    for (start, end), tag in zip(spans, tags, strict=True):
-        if tag.startswith("B-"):
-            entities.append({"start": start, "end": end, "label": tag[2:]})
-        elif tag.startswith("I-") and entities:
-            entities[-1]["end"] = end
-    for entity in entities:
-        entity["text"] = text[entity["start"] : entity["end"]]
-    return entities
+
+def _progress(total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return None
+    progress = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True)  # fmt: skip
+    progress.start()
+    return progress, progress.add_task("predict", total=total)
+
+
+def predict_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: int = 16,
+                  progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+    """One prediction per text, and the counts of truncated / windowed texts."""
+    units, counts = loaded.task.encode(loaded.tokenizer, texts, loaded.meta)
+    outputs = run_units(loaded, backend, units, batch_size, progress) if units else []
+    by_text: dict[int, list[int]] = {}
+    for k, unit in enumerate(units):
+        by_text.setdefault(unit.text, []).append(k)
+    results = []
+    for index, text in enumerate(texts):
+        keys = by_text.get(index, [])
+        results.append(loaded.task.decode(loaded.meta, text, [outputs[k] for k in keys], [units[k] for k in keys]))
+    return results, counts
+
+
+def embed_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: int
+                ) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
+    """[texts, dim] float32 outputs of a bi-encoder, kept as arrays (no JSON rounding) for ranking, and the
+    truncation counts."""
+    units, counts = loaded.task.encode(loaded.tokenizer, texts, loaded.meta)
+    outputs = run_units(loaded, backend, units, batch_size)
+    return np.stack([np.asarray(outputs[k], dtype=np.float32) for k in range(len(units))]), counts
+
+
+def search(loaded: Loaded, backend: Backend, texts: list[str], corpus_path: Path, top_k: int,
+           batch_size: int) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+    """The top-k corpus documents of every query text (cosine similarity of the normalised embeddings), and the
+    queries' truncation counts."""
+    import torch
+
+    from cmft.data.retrieval import corpus_file_texts
+    from cmft.metrics import rank
+
+    if not corpus_path.is_file():
+        raise CmftError(f"--corpus: {corpus_path}: file not found")
+    documents = corpus_file_texts(corpus_path)
+    if not documents:
+        raise CmftError(f"--corpus: {corpus_path}: no document")
+    corpus, _ = embed_texts(loaded, backend, [text for _, text in documents], batch_size)
+    query, counts = embed_texts(loaded, backend, texts, batch_size)
+    hits = rank(torch.from_numpy(query), torch.from_numpy(corpus), [d for d, _ in documents], top_k)
+    return [{"hits": [{"id": d, "score": round(s, 6)} for d, s in row]} for row in hits], counts

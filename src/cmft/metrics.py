@@ -15,12 +15,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-PRIMARY_METRIC = {"note_classification": "macro_f1", "icd_coding": "micro_f1", "ner": "f1", "retrieval": "ndcg@10"}
-"""Each task's main metric, stated once: it picks the best checkpoint, measures the int8 cost and ranks benchmarks."""
-
 __all__ = [
     "DEFAULT_THRESHOLD_GRID",
-    "PRIMARY_METRIC",
     "classification_metrics",
     "multilabel_metrics",
     "per_label_precision_recall",
@@ -258,3 +254,20 @@ def retrieval_metrics(rankings: list[list[str]], relevant: list[set[str]]) -> di
         for k in RETRIEVAL_CUTOFFS["accuracy"]:
             sums[f"accuracy@{k}"] += float(any(hits[:k]))
     return {key: value / len(rankings) for key, value in sums.items()}
+
+
+def rank(query_embeddings: Any, corpus_embeddings: Any, corpus_ids: list[str], top_k: int,
+         chunk: int = 1024) -> list[list[tuple[str, float]]]:  # fmt: skip
+    """Top-k (document id, cosine) per query from torch embeddings, ties broken by ascending id (as
+    sentence-transformers does)."""
+    import torch
+
+    k = min(top_k, len(corpus_ids))
+    results = []
+    for start in range(0, len(query_embeddings), chunk):
+        scores = query_embeddings[start : start + chunk] @ corpus_embeddings.T
+        values, indices = torch.topk(scores, k, dim=1)
+        for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
+            hits = sorted(zip(row_values, row_indices, strict=True), key=lambda h: (-h[0], corpus_ids[h[1]]))
+            results.append([(corpus_ids[i], score) for score, i in hits])
+    return results

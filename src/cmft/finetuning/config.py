@@ -9,7 +9,10 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from cmft.config import StrictModel
 
-TASKS = ("ner", "icd_coding", "note_classification", "retrieval")
+TASK_SECTIONS = {"ner": "ner", "icd_coding": "icd_coding", "note_classification": "classification",
+                 "retrieval": "retrieval"}  # fmt: skip
+"""Each task (cmft.tasks) and the recipe section holding its settings."""
+TASKS = tuple(TASK_SECTIONS)
 
 
 class EncoderConfig(StrictModel):
@@ -93,7 +96,14 @@ def step_schedule(t: TrainingConfig, batches_per_epoch: int) -> StepSchedule:
                         min(t.log_every, max_steps))  # fmt: skip
 
 
-class ClassificationConfig(StrictModel):
+class TaskSection(StrictModel):
+    """A task's recipe section."""
+
+    def check(self, training: TrainingConfig) -> None:
+        """Settings that must agree with `training` (a ValueError says which)."""
+
+
+class ClassificationConfig(TaskSection):
     class_weights: Literal["none", "balanced", "sqrt"] = "sqrt"
     """Loss weights against class imbalance: inverse frequency (balanced) or its square root."""
 
@@ -105,7 +115,7 @@ class LabelSpaceConfig(StrictModel):
     """Keep labels with at least this many train documents; the others are counted and reported."""
 
 
-class IcdCodingConfig(StrictModel):
+class IcdCodingConfig(TaskSection):
     label_space: LabelSpaceConfig = LabelSpaceConfig()
     mode: Literal["whole", "chunked"] = "whole"
     """`whole`: the note in one pass (up to max_length ≤ 8192); `chunked`: PLM-ICD-style segments."""
@@ -116,8 +126,12 @@ class IcdCodingConfig(StrictModel):
     init_from_descriptions: bool = False
     """Start each label query from the encoder's embedding of its ICD-10-CM description."""
 
+    def check(self, training: TrainingConfig) -> None:
+        if training.max_length > 8192:
+            raise ValueError("training.max_length must be at most 8192")
 
-class NerConfig(StrictModel):
+
+class NerConfig(TaskSection):
     token_column: int = 0
     tag_column: int = -1
     stride: int = Field(32, ge=0)
@@ -125,8 +139,12 @@ class NerConfig(StrictModel):
     label_all_subtokens: bool = False
     """Train on every sub-token (default: only a word's first sub-token carries its tag)."""
 
+    def check(self, training: TrainingConfig) -> None:
+        if self.stride >= training.max_length - 2:
+            raise ValueError("ner.stride must be smaller than training.max_length - 2")
 
-class RetrievalConfig(StrictModel):
+
+class RetrievalConfig(TaskSection):
     query_field: str = "query"
     """Pairs / triplets files (jsonl or csv): the query column."""
     document_field: str = "positive"
@@ -150,6 +168,10 @@ class RetrievalConfig(StrictModel):
     """Hits ranked per query for the metrics (recall@100, map@100 need 100)."""
 
 
+SECTION_TYPES: dict[str, type[TaskSection]] = {"classification": ClassificationConfig, "icd_coding": IcdCodingConfig,
+                                               "ner": NerConfig, "retrieval": RetrievalConfig}  # fmt: skip
+
+
 class RecipeConfig(StrictModel):
     task: Literal[TASKS]  # type: ignore[valid-type]
     name: str | None = None
@@ -165,27 +187,13 @@ class RecipeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _sections_match_task(self) -> RecipeConfig:
-        sections = {
-            "classification": "note_classification",
-            "icd_coding": "icd_coding",
-            "ner": "ner",
-            "retrieval": "retrieval",
-        }
-        for section, task in sections.items():
-            if getattr(self, section) is not None and self.task != task:
+        own = TASK_SECTIONS[self.task]
+        for task, section in TASK_SECTIONS.items():
+            if section != own and getattr(self, section) is not None:
                 raise ValueError(f"section `{section}` is for task {task}, but this recipe's task is {self.task}")
-        if self.task == "note_classification" and self.classification is None:
-            self.classification = ClassificationConfig()
-        if self.task == "icd_coding" and self.icd_coding is None:
-            self.icd_coding = IcdCodingConfig()
-        if self.task == "ner" and self.ner is None:
-            self.ner = NerConfig()
-        if self.task == "retrieval" and self.retrieval is None:
-            self.retrieval = RetrievalConfig()
-        if self.task == "ner" and self.ner.stride >= self.training.max_length - 2:
-            raise ValueError("ner.stride must be smaller than training.max_length - 2")
-        if self.task == "icd_coding" and self.training.max_length > 8192:
-            raise ValueError("training.max_length must be at most 8192")
+        if getattr(self, own) is None:
+            setattr(self, own, SECTION_TYPES[own]())
+        getattr(self, own).check(self.training)
         return self
 
     @property

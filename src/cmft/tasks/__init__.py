@@ -1,24 +1,35 @@
-"""One module per task: data preparation, model, metrics, saving. A task never imports another task."""
+"""One module per task behind one interface (`cmft.tasks.base.Task`); this registry maps a recipe's `task` to it.
+
+Task modules are imported on first use: each pulls in its own dependencies. A task never imports another task, and
+nothing outside this package compares task names.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
+
+from cmft.errors import CmftError
+
+BARE_ENCODER = "encoder"
+"""The entry for a `cmft pretrain` run's bare encoder: inference and export only."""
+REGISTRY = {
+    "ner": "cmft.tasks.ner:NerTask",
+    "icd_coding": "cmft.tasks.icd_coding:IcdCodingTask",
+    "note_classification": "cmft.tasks.classification:ClassificationTask",
+    "retrieval": "cmft.tasks.retrieval:RetrievalTask",
+    BARE_ENCODER: "cmft.tasks.encoder:EncoderTask",
+}
+
+
+def task_class(name: str) -> type:
+    """The Task class registered under `name`."""
+    if name not in REGISTRY:
+        raise CmftError(f"task {name!r}: unknown; choose one of {', '.join(sorted(REGISTRY))}")
+    module, _, attribute = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def get_task(recipe: Any):
-    """The task object for a validated recipe (imported lazily: each pulls in its own dependencies)."""
-    if recipe.task == "note_classification":
-        from cmft.tasks.classification import ClassificationTask
-
-        return ClassificationTask(recipe)
-    if recipe.task == "icd_coding":
-        from cmft.tasks.icd_coding import IcdCodingTask
-
-        return IcdCodingTask(recipe)
-    if recipe.task == "ner":
-        from cmft.tasks.ner import NerTask
-
-        return NerTask(recipe)
-    from cmft.errors import CmftError
-
-    raise CmftError(f"task {recipe.task!r}: has no token-level task object (retrieval trains in sentence-transformers)")
+    """The task object for a validated recipe."""
+    return task_class(recipe.task)(recipe)

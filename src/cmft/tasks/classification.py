@@ -14,19 +14,18 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
-from cmft.metrics import PRIMARY_METRIC, classification_metrics
-from cmft.tasks.common import head_modules, saved_labels
+from cmft.metrics import classification_metrics
+from cmft.tasks.base import LogitsModule, Task, cut_to, load_pretrained, saved_labels
 
 
-class ClassificationTask:
-    metric_for_best = PRIMARY_METRIC["note_classification"]
+class ClassificationTask(Task):
+    name = "note_classification"
+    metric_for_best = "macro_f1"
+    output_meaning = "[batch, labels] logits; softmax gives the class probabilities (labels in the manifest)"
 
-    def __init__(self, recipe: Any):
-        self.recipe = recipe
-        self.labels: list[str] = []
-        self.report: dict[str, Any] = {}
+    def __init__(self, recipe: Any = None):
+        super().__init__(recipe)
         self.splits: dict[str, Split] = {}
-        self.datasets: dict[str, list[dict]] = {}
         self.class_weights: torch.Tensor | None = None
 
     # data -------------------------------------------------------------------------------------------
@@ -39,6 +38,7 @@ class ClassificationTask:
             if split is not None:
                 self.splits[name] = split
         counts = Counter(e.label for e in self.splits["train"].examples) if "train" in self.splits else Counter()
+        labels = labels if labels is not None else (self.labels or None)
         self.labels = list(labels) if labels is not None else sorted(counts)
         if len(self.labels) < 2:
             raise CmftError(f"data.train: {self.recipe.data.train}: needs at least 2 classes")
@@ -55,7 +55,7 @@ class ClassificationTask:
             self.report[f"n_truncated_{name}"] = sum(len(ids) > limit for ids in encoded)
             self.report[f"n_empty_skipped_{name}"] = split.skipped_empty
             self.datasets[name] = [
-                {"input_ids": _truncate(ids, limit, tokenizer), "labels": index[e.label]}
+                {"input_ids": cut_to(ids, limit), "labels": index[e.label]}
                 for ids, e in zip(encoded, split.examples, strict=True)
             ]
         frequency = np.array([counts[label] for label in self.labels], dtype=np.float64)
@@ -86,32 +86,43 @@ class ClassificationTask:
         weight = None if self.class_weights is None else self.class_weights.to(outputs.logits.device)
         return nn.functional.cross_entropy(outputs.logits.float(), labels, weight=weight), outputs
 
-    def head_modules(self, model: nn.Module) -> list[str]:
-        return head_modules(model)
-
-    # metrics ----------------------------------------------------------------------------------------
     def load_model(self, folder: Path) -> nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
 
-    def saved_labels(self, folder: Path) -> list[str]:
-        return saved_labels(folder)
+    def save(self, model: nn.Module, tokenizer, folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
-    def metrics(
-        self, logits: np.ndarray, labels: np.ndarray, split: str = "test", tune: bool = False
-    ) -> dict[str, Any]:
-        predictions = np.asarray(logits).argmax(-1)
-        return classification_metrics(np.asarray(labels).tolist(), predictions.tolist(), len(self.labels))
+    def meta(self) -> dict[str, Any]:
+        return {"task": self.name, "max_length": self.recipe.training.max_length, "labels": self.labels}
 
-    def save_extras(self, folder: Path, logits: np.ndarray, labels: np.ndarray, plots: Path) -> None:
+    # metrics ----------------------------------------------------------------------------------------
+    def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
+        predictions = np.stack(outputs).argmax(-1)
+        labels = [row["labels"] for row in self.datasets[split]]
+        return classification_metrics(labels, predictions.tolist(), len(self.labels))
+
+    def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         (folder / "labels.json").write_text(json.dumps(self.labels, indent=2), encoding="utf-8")
-        _confusion_plot(np.asarray(labels), np.asarray(logits).argmax(-1), self.labels, plots / "confusion_matrix.png")
+        labels = np.array([row["labels"] for row in self.datasets[split]])
+        _confusion_plot(labels, np.stack(outputs).argmax(-1), self.labels, plots / "confusion_matrix.png")
 
+    # inference --------------------------------------------------------------------------------------
+    @classmethod
+    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
+        model = load_pretrained(AutoModelForSequenceClassification, folder, attention)
+        meta = {"task": cls.name, "max_length": recipe.training.max_length, "labels": saved_labels(folder)}
+        return LogitsModule(model).eval(), meta
 
-def _truncate(ids: list[int], limit: int, tokenizer) -> list[int]:
-    if len(ids) <= limit:
-        return ids
-    # keep [CLS] ... and the final [SEP] so the model sees a well-formed sequence
-    return ids[: limit - 1] + [ids[-1]] if ids[-1] == tokenizer.sep_token_id else ids[:limit]
+    @classmethod
+    def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list) -> dict[str, Any]:
+        logits = outputs[0].astype(np.float64)
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        order = np.argsort(-probabilities)
+        labels = meta["labels"]
+        return {"label": labels[order[0]], "score": round(float(probabilities[order[0]]), 6),
+                "scores": {labels[j]: round(float(probabilities[j]), 6) for j in order[:5]}}  # fmt: skip
 
 
 def _confusion_plot(labels: np.ndarray, predictions: np.ndarray, names: list[str], path: Path) -> None:

@@ -17,7 +17,8 @@ from transformers import AutoModel, AutoTokenizer
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.heads import LabelAttentionHead, PooledHead
-from cmft.metrics import PRIMARY_METRIC, multilabel_metrics, per_label_precision_recall, tune_threshold
+from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
+from cmft.tasks.base import Task, Unit, pad_rows
 
 HEAD_WEIGHTS = "icd_head.safetensors"
 HEAD_CONFIG = "icd_coding.json"
@@ -159,16 +160,49 @@ def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -
     return batch
 
 
-class IcdCodingTask:
-    metric_for_best = PRIMARY_METRIC["icd_coding"]
+class IcdModule(nn.Module):
+    """Probabilities of every code, with the exported signature. Chunked input [B, C, S] encodes every chunk (no
+    data-dependent skipping, so it traces) and zeroes the states of padding chunks, which the label attention masks
+    out anyway."""
 
-    def __init__(self, recipe: Any):
-        self.recipe = recipe
-        self.options = recipe.icd_coding
-        self.labels: list[str] = []
-        self.report: dict[str, Any] = {}
+    def __init__(self, coder: nn.Module):
+        super().__init__()
+        self.coder = coder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() == 2:
+            states = self.coder.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask
+        else:
+            batch, chunks, size = input_ids.shape
+            flat_mask = attention_mask.reshape(-1, size)
+            states = self.coder.encoder(input_ids=input_ids.reshape(-1, size), attention_mask=flat_mask)
+            states = states.last_hidden_state
+            states = torch.where(flat_mask[..., None].bool(), states, torch.zeros_like(states))
+            states, mask = states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
+        return torch.sigmoid(self.coder.head(states, mask))
+
+
+def chunked(meta: dict[str, Any]) -> bool:
+    return meta["icd"]["mode"] == "chunked"
+
+
+class IcdCodingTask(Task):
+    name = "icd_coding"
+    metric_for_best = "micro_f1"
+    output = "probabilities"
+    output_meaning = (
+        "[batch, codes] probabilities (label-wise attention included); codes at or above the manifest's "
+        "`threshold` are predicted"
+    )
+    pretrained_encoder_rate = (
+        5e-5, "MiniLM-L6 on CodiEsp: micro F1 0.18-0.40 at 3e-4, 0.51-0.54 at 5e-5 over three seeds",
+    )  # fmt: skip
+
+    def __init__(self, recipe: Any = None):
+        super().__init__(recipe)
+        self.options = recipe.icd_coding if recipe is not None else None
         self.splits: dict[str, Split] = {}
-        self.datasets: dict[str, list[dict]] = {}
         self.threshold = 0.5
         self.label_frequency: np.ndarray | None = None
 
@@ -180,6 +214,16 @@ class IcdCodingTask:
             "attention_dim": o.attention_dim, "chunk_size": o.chunk_size, "max_chunks": o.max_chunks,
             "max_length": self.recipe.training.max_length, "level": o.label_space.level,
         }  # fmt: skip
+
+    def tokens_per_pass(self) -> tuple[int, str]:
+        if self.options.mode == "chunked":
+            return self.options.chunk_size, "icd_coding.chunk_size"
+        return super().tokens_per_pass()
+
+    def position_way_out(self, limit: int) -> str:
+        if self.options.mode == "chunked":
+            return ""
+        return f", or read the note in segments: icd_coding.mode=chunked icd_coding.chunk_size={min(512, limit)}"
 
     def prepare(
         self, tokenizer, splits: tuple[str, ...] = ("train", "dev", "test"), labels: list | None = None
@@ -195,6 +239,7 @@ class IcdCodingTask:
         train = self.splits["train"].examples if "train" in self.splits else []
         counts = Counter(code for example in train for code in example.label)
         minimum = self.options.label_space.min_train_count
+        labels = labels if labels is not None else (self.labels or None)
         self.labels = list(labels) if labels is not None else sorted(c for c, n in counts.items() if n >= minimum)
         if not self.labels:
             raise CmftError(
@@ -241,29 +286,113 @@ class IcdCodingTask:
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["head"]
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}  # the threshold tuned on dev so far
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.threshold = state.get("threshold", self.threshold)
+
+    def restore(self, meta: dict[str, Any]) -> None:
+        super().restore(meta)
+        self.threshold = meta["threshold"]
+
     def load_model(self, folder: Path) -> nn.Module:
         coder = IcdCoder.from_pretrained(folder)
         self.threshold = coder.settings["threshold"]
         return coder
 
-    def saved_labels(self, folder: Path) -> list[str]:
-        return json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8"))["labels"]
+    def inference_module(self, model: nn.Module) -> nn.Module:
+        return IcdModule(model)
 
-    def metrics(
-        self, logits: np.ndarray, labels: np.ndarray, split: str = "test", tune: bool = False
-    ) -> dict[str, Any]:
-        probabilities = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
-        labels = np.asarray(labels)
+    def save(self, model: nn.Module, tokenizer, folder: Path) -> None:
+        model.settings = self.settings  # the tuned threshold travels with the model
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    def meta(self) -> dict[str, Any]:
+        return _meta(self.recipe.training.max_length, self.settings)
+
+    def outputs_of(self, predictions: Any) -> list[np.ndarray]:
+        logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions, dtype=np.float64)
+        return list(1 / (1 + np.exp(-logits)))
+
+    def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
+        probabilities = np.stack(outputs).astype(np.float64)
+        labels = np.stack([row["labels"] for row in self.datasets[split]])
         if tune:  # one global threshold, chosen on dev, saved with the model, applied to test
             self.threshold, _ = tune_threshold(labels, probabilities)
         return multilabel_metrics(labels, probabilities, self.threshold)
 
-    def save_extras(self, folder: Path, logits: np.ndarray, labels: np.ndarray, plots: Path) -> None:
-        probabilities = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
+        labels = np.stack([row["labels"] for row in self.datasets[split]])
         _per_label_plot(
-            per_label_precision_recall(np.asarray(labels), probabilities, self.threshold),
+            per_label_precision_recall(labels, np.stack(outputs).astype(np.float64), self.threshold),
             plots / "per_label_precision_recall.png",
         )
+
+    # inference --------------------------------------------------------------------------------------
+    @classmethod
+    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
+        from cmft.modeling import check_model_folder
+
+        check_model_folder(folder, "run")
+        try:
+            coder = IcdCoder.from_pretrained(folder, attn_implementation=attention)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CmftError(f"{folder}: the model does not load ({type(exc).__name__}: {str(exc)[:120]})") from None
+        return IcdModule(coder.float().eval()).eval(), _meta(recipe.training.max_length, coder.settings)
+
+    @classmethod
+    def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:
+        if not chunked(meta):
+            return Unit(index, ids)
+        size = meta["icd"]["chunk_size"]
+        return Unit(index, [ids[start : start + size] for start in range(0, len(ids), size)])
+
+    @classmethod
+    def encode(cls, tokenizer: Any, texts: list[str], meta: dict[str, Any]) -> tuple[list[Unit], dict[str, int]]:
+        units, truncated = [], 0
+        for index, text in enumerate(texts):
+            ids, cut = encode_note(tokenizer, text, meta["icd"])
+            truncated += cut
+            units.append(Unit(index, ids))
+        return units, {"n_truncated": truncated, "n_windowed": 0}
+
+    @classmethod
+    def collate(cls, units: list[Unit], pad_id: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """[B, T], or [B, C, chunk_size] for chunked notes."""
+        if not chunked(meta):
+            return pad_rows(units, pad_id)
+        size = meta["icd"]["chunk_size"]
+        chunks = max(len(u.input_ids) for u in units)
+        ids = np.full((len(units), chunks, size), pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, unit in enumerate(units):
+            for c, chunk in enumerate(unit.input_ids):
+                ids[row, c, : len(chunk)] = chunk
+                mask[row, c, : len(chunk)] = 1
+        return ids, mask
+
+    @classmethod
+    def input_shape(cls, meta: dict[str, Any]) -> str:
+        return (
+            "[batch, sequence] ([batch, chunks, chunk_size] for chunked ICD notes)"
+            if chunked(meta)
+            else super().input_shape(meta)
+        )
+
+    @classmethod
+    def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
+        probabilities = outputs[0]
+        order = np.argsort(-probabilities, kind="stable")
+        codes = [{"code": meta["labels"][j], "probability": round(float(probabilities[j]), 6)}
+                 for j in order if probabilities[j] >= meta["threshold"]]  # fmt: skip
+        return {"codes": codes}
+
+
+def _meta(max_length: int, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"task": IcdCodingTask.name, "max_length": max_length, "labels": settings["labels"],
+            "threshold": settings["threshold"], "icd": settings}  # fmt: skip
 
 
 def _init_queries_from_descriptions(coder: IcdCoder, tokenizer, labels: list[str]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,63 +11,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
+from cmft.data.ner import read_conll, read_span_jsonl, word_spans
 from cmft.errors import CmftError
-from cmft.metrics import PRIMARY_METRIC
+from cmft.metrics import entity_metrics
 from cmft.paths import resolve_path
-from cmft.tasks.common import head_modules, saved_labels
-
-WORD = re.compile(r"\w+|[^\w\s]")
-
-
-def read_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> tuple[list[tuple[list, list]], int]:
-    """Sentences of (words, tags) from a CoNLL / IOB tsv (blank line between sentences); and the count of
-    empty sentences skipped. A line with the wrong number of columns is an error naming the line."""
-    sentences: list[tuple[list, list]] = []
-    words: list[str] = []
-    tags: list[str] = []
-    columns = None
-    empty = 0
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise CmftError(f"{path}: not a UTF-8 text file") from None
-    for number, line in enumerate([*lines, ""], 1):
-        if not line.strip() or line.startswith("-DOCSTART-"):
-            if words:
-                sentences.append((words, tags))
-            elif number <= len(lines) and sentences and not line.startswith("-DOCSTART-"):
-                empty += 1
-            words, tags = [], []
-            continue
-        parts = line.split("\t") if "\t" in line else line.split()
-        columns = columns or len(parts)
-        if len(parts) != columns or len(parts) < 2:
-            raise CmftError(f"{path}: line {number}: expected {columns or 2} columns, found {len(parts)}")
-        words.append(parts[token_column])
-        tags.append(parts[tag_column])
-    return sentences, empty
-
-
-def read_span_jsonl(path: Path) -> list[tuple[list, list]]:
-    """{"text", "entities": [{"start", "end", "label"}]} → words (\\w+ or punctuation) with IOB2 tags."""
-    sentences = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            text, entities = record["text"], record.get("entities", [])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CmftError(f"{path}: line {number}: expected JSON with text and entities") from None
-        matches = list(WORD.finditer(text))
-        tags = ["O"] * len(matches)
-        for entity in entities:
-            inside = [i for i, m in enumerate(matches) if m.start() < entity["end"] and m.end() > entity["start"]]
-            for position, i in enumerate(inside):
-                tags[i] = ("B-" if position == 0 else "I-") + entity["label"]
-        if matches:
-            sentences.append(([m.group() for m in matches], tags))
-    return sentences
+from cmft.tasks.base import LogitsModule, Task, Unit, load_pretrained, saved_labels
 
 
 def to_iob2(tags: list[str]) -> list[str]:
@@ -129,17 +76,17 @@ def merge_windows(windows: list[dict], window_logits: list[np.ndarray], n_words:
     return merged
 
 
-class NerTask:
-    metric_for_best = PRIMARY_METRIC["ner"]
+class NerTask(Task):
+    name = "ner"
+    metric_for_best = "f1"
+    output_meaning = "[batch, sequence, tags] logits per token; a word's tag is argmax at its first sub-token"
+    token_level = True
 
-    def __init__(self, recipe: Any):
-        self.recipe = recipe
-        self.options = recipe.ner
-        self.labels: list[str] = []
-        self.report: dict[str, Any] = {}
+    def __init__(self, recipe: Any = None):
+        super().__init__(recipe)
+        self.options = recipe.ner if recipe is not None else None
         self.sentences: dict[str, list[tuple[list, list]]] = {}
         self.windows: dict[str, list[list[dict]]] = {}
-        self.datasets: dict[str, list[dict]] = {}
 
     def _read(self, name: str) -> list[tuple[list, list]] | None:
         source = getattr(self.recipe.data, name)
@@ -164,6 +111,7 @@ class NerTask:
             sentences = self._read(name)
             if sentences is not None:
                 self.sentences[name] = sentences
+        labels = labels if labels is not None else (self.labels or None)
         if labels is None:
             found = {t for _, tags in self.sentences["train"] for t in tags}
             labels = ["O", *sorted(found - {"O"}, key=lambda t: (t[2:], t[:2]))]
@@ -200,29 +148,73 @@ class NerTask:
         outputs = model(**inputs)
         return outputs.loss, outputs
 
-    def head_modules(self, model: nn.Module) -> list[str]:
-        return head_modules(model)
-
     def load_model(self, folder: Path) -> nn.Module:
         return AutoModelForTokenClassification.from_pretrained(folder, use_safetensors=True).eval()
 
-    def saved_labels(self, folder: Path) -> list[str]:
-        return saved_labels(folder)
+    def save(self, model: nn.Module, tokenizer, folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
-    def word_predictions(self, logits: np.ndarray, split: str) -> list[list[str]]:
+    def meta(self) -> dict[str, Any]:
+        return {"task": self.name, "max_length": self.recipe.training.max_length, "labels": self.labels,
+                "stride": self.options.stride}  # fmt: skip
+
+    def word_predictions(self, outputs: list[np.ndarray], split: str) -> list[list[str]]:
+        """Each sentence's word tags, its windows' token logits merged per word (as prediction does)."""
         predictions, cursor = [], 0
         for (words, _), windows in zip(self.sentences[split], self.windows[split], strict=True):
-            window_logits = [logits[cursor + i] for i in range(len(windows))]
+            window_logits = [outputs[cursor + i][: len(w["input_ids"])] for i, w in enumerate(windows)]
             cursor += len(windows)
             merged = merge_windows(windows, window_logits, len(words))
             predictions.append(repair_tags([self.labels[i] for i in merged.argmax(-1)]))
         return predictions
 
-    def metrics(self, logits: np.ndarray, labels: np.ndarray, split: str = "test", tune: bool = False) -> dict:
-        from cmft.metrics import entity_metrics
-
+    def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
         gold = [tags for _, tags in self.sentences[split]]
-        return entity_metrics(gold, self.word_predictions(np.asarray(logits), split))
+        return entity_metrics(gold, self.word_predictions(outputs, split))
 
-    def save_extras(self, folder: Path, logits: np.ndarray, labels: np.ndarray, plots: Path) -> None:
+    def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         (folder / "labels.json").write_text(json.dumps(self.labels, indent=2), encoding="utf-8")
+
+    # inference --------------------------------------------------------------------------------------
+    @classmethod
+    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
+        model = load_pretrained(AutoModelForTokenClassification, folder, attention)
+        meta = {"task": cls.name, "max_length": recipe.training.max_length, "labels": saved_labels(folder),
+                "stride": recipe.ner.stride}  # fmt: skip
+        return LogitsModule(model).eval(), meta
+
+    @classmethod
+    def encode(cls, tokenizer: Any, texts: list[str], meta: dict[str, Any]) -> tuple[list[Unit], dict[str, int]]:
+        """Words split as in training; a text longer than max_length becomes overlapping windows (not cut)."""
+        units, windowed = [], 0
+        for index, text in enumerate(texts):
+            words = [text[start:end] for start, end in word_spans(text)]
+            windows = align_windows(words, tokenizer, int(meta["max_length"]), int(meta["stride"]))
+            windowed += len(windows) > 1
+            units.extend(Unit(index, w["input_ids"], w) for w in windows)
+        return units, {"n_truncated": 0, "n_windowed": windowed}
+
+    @classmethod
+    def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
+        return {"entities": entities(meta["labels"], text, outputs, units)}
+
+
+def entities(labels: list[str], text: str, outputs: list[np.ndarray], units: list[Unit]) -> list[dict[str, Any]]:
+    """Entities with character offsets in `text`, from the token logits of its windows."""
+    spans = word_spans(text)
+    if not spans:
+        return []
+    windows = [u.window for u in units]
+    merged = merge_windows(windows, [o[: len(w["input_ids"])] for o, w in zip(outputs, windows, strict=True)],
+                           len(spans))  # fmt: skip
+    tags = repair_tags([labels[i] for i in merged.argmax(-1)])
+    found: list[dict[str, Any]] = []
+    for (start, end), tag in zip(spans, tags, strict=True):
+        if tag.startswith("B-"):
+            found.append({"start": start, "end": end, "label": tag[2:]})
+        elif tag.startswith("I-") and found:
+            found[-1]["end"] = end
+    for entity in found:
+        entity["text"] = text[entity["start"] : entity["end"]]
+    return found

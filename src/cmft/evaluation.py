@@ -1,0 +1,64 @@
+"""The one evaluation loop: a task's prepared split through any back end (torch or onnxruntime, fp32 or int8).
+
+Training's final dev and test metrics, `cmft evaluate`, `cmft export --quantize int8` (what int8 costs on dev), the
+retrieval trainer's dev evaluation and the benchmarks all run here, so their figures agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmft.errors import CmftError
+from cmft.inference import Backend, Loaded, TorchBackend, load_run, run_units
+from cmft.tasks import get_task
+from cmft.tasks.base import Unit
+
+
+def split_outputs(task: Any, backend: Backend, split: str, batch_size: int, pad_id: int) -> list[np.ndarray]:
+    """The back end's output for every prepared row of `split`, in row order."""
+    rows = task.datasets[split]
+    units = [Unit(index, row["input_ids"]) for index, row in enumerate(rows)]
+    return run_units(Loaded(type(task), None, task.meta()), backend, units, batch_size, pad_id=pad_id)
+
+
+def evaluate(task: Any, backend: Backend, split: str, batch_size: int, pad_id: int, tune: bool = False
+             ) -> dict[str, Any]:  # fmt: skip
+    """The task's metrics on a prepared split (`tune`: choose settings on it, e.g. the ICD threshold on dev)."""
+    return task.score(split_outputs(task, backend, split, batch_size, pad_id), split, tune)
+
+
+def evaluate_loaded(loaded: Loaded, backend: Backend, split: str = "dev", batch_size: int = 16,
+                    overrides: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Metrics of a loaded run (its recipe, its saved labels and settings) through `backend` on a split."""
+    recipe = loaded.recipe
+    if overrides:
+        from cmft.config import apply_overrides, build_config
+        from cmft.finetuning.config import RecipeConfig
+
+        recipe = build_config(RecipeConfig, apply_overrides(recipe.model_dump(), overrides), "recipe.yaml")
+    if getattr(recipe.data, split) is None:
+        raise CmftError(f"{loaded.run_dir}: the recipe has no {split} split; pass --data PATH")
+    task = get_task(recipe)
+    task.restore(loaded.meta)
+    task.prepare(loaded.tokenizer, splits=(split,))
+    metrics = evaluate(task, backend, split, batch_size, loaded.pad_id)
+    return {**metrics, "split": split, **task.counts(split)}
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | None = None) -> dict[str, Any]:
+    """`cmft evaluate`: metrics of `run_dir/model` on a split of its recipe (or on `data`, read as that split)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "model" / "config.json").is_file():
+        raise CmftError(f"{run_dir}: not a finished fine-tuning run (needs recipe.yaml and model/)")
+    from cmft.modeling import check_model_folder
+
+    check_model_folder(run_dir / "model", "evaluate")
+    if split not in ("train", "dev", "test"):
+        raise CmftError(f"--split {split}: choose train, dev or test")
+    loaded = load_run(run_dir)
+    overrides = [f"data.{split}={Path(data).resolve()}"] if data is not None else []
+    return evaluate_loaded(loaded, TorchBackend(loaded.module), split, loaded.recipe.training.eval_batch_size,
+                           overrides)  # fmt: skip

@@ -1,0 +1,233 @@
+"""The one interface every task implements, and the pieces most tasks share.
+
+A task owns everything that depends on what it predicts: reading its data, building its model and head, collating,
+its loss and metrics, saving and loading its model folder, and inference — the torch module that computes exactly
+what the ONNX graph computes, encoding raw texts into that module's inputs and decoding its outputs into the JSON of
+`cmft predict`. The engine, `cmft evaluate`, `cmft predict`, `cmft export` and the benchmarks only call this
+interface; they never ask which task they are running. Inference works from the saved manifest (`meta`: labels,
+threshold, max_length, ...), so an export folder needs no recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Unit:
+    """One model input row: a whole text, or one window of a long NER text."""
+
+    text: int
+    input_ids: Any
+    """A list of ids, or (chunked ICD notes) a list of chunks."""
+    window: dict | None = None
+
+    @property
+    def length(self) -> int:
+        from cmft.finetuning.trainer import token_count
+
+        return token_count(self.input_ids)
+
+
+def pad_rows(units: list[Unit], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, T] int64 input_ids and attention_mask, right-padded to the longest row."""
+    length = max(len(u.input_ids) for u in units)
+    ids = np.full((len(units), length), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, unit in enumerate(units):
+        ids[row, : len(unit.input_ids)] = unit.input_ids
+        mask[row, : len(unit.input_ids)] = 1
+    return ids, mask
+
+
+def cut_to(ids: list[int], limit: int) -> list[int]:
+    """At most `limit` ids, keeping the closing special token ([SEP]) so the model sees a well-formed sequence."""
+    return ids if len(ids) <= limit else [*ids[: limit - 1], ids[-1]]
+
+
+class LogitsModule(nn.Module):
+    """An AutoModelFor<Task>'s logits, with the exported signature (input_ids, attention_mask) -> one tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The model's own modules besides the encoder (head, classifier, ...): trained fully, and saved with LoRA."""
+    base = getattr(model, "base_model_prefix", "model")
+    children = model.named_children()
+    return [name for name, child in children if name != base and next(child.parameters(), None) is not None]
+
+
+def saved_labels(folder: Path) -> list[str]:
+    """Label names in id order from a saved model's config.json (id2label)."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+
+
+def load_pretrained(cls: Any, folder: Path, attention: str) -> nn.Module:
+    """A saved model for inference: safetensors only, fp32, eval mode; a one-line error when it does not load."""
+    from cmft.errors import CmftError
+    from cmft.modeling import check_model_folder
+
+    check_model_folder(folder, "run")  # safetensors only, intact, tokenizer fits the model
+    try:
+        model = cls.from_pretrained(folder, attn_implementation=attention, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CmftError(f"{folder}: the model does not load ({type(exc).__name__}: {str(exc)[:120]})") from None
+    return model.float().eval()
+
+
+class Task:
+    """Defaults for the interface; each task overrides what it does differently (see the module docstring).
+
+    Training: `prepare` reads and tokenizes the recipe's splits into `datasets[split]` (rows with `input_ids`, and
+    `labels` where the engine's trainer uses them); `build_model`, `head_modules`, `collator`, `loss`,
+    `make_trainer` train it; `score` turns the inference module's outputs on a split into metrics; `save` writes
+    the model folder. Inference (from the manifest `meta` alone): `load_inference`, `encode`, `unit`, `collate`,
+    `decode`."""
+
+    name: ClassVar[str]
+    """The recipe's `task`."""
+    metric_for_best: ClassVar[str]
+    """The dev metric that picks the best checkpoint, measures the int8 cost and ranks benchmarks."""
+    output: ClassVar[str] = "logits"
+    """The exported graph's output name, and what it holds (for the export README)."""
+    output_meaning: ClassVar[str] = ""
+    token_level: ClassVar[bool] = False
+    """Outputs per token ([batch, sequence, ...]): parity is checked on real positions only."""
+    predicts: ClassVar[bool] = True
+    """False for a bare encoder: nothing to decode into a prediction."""
+    searches: ClassVar[bool] = False
+    """Whether `cmft predict --corpus` can rank documents with it (a bi-encoder)."""
+    pretrained_encoder_rate: ClassVar[tuple[float, str] | None] = None
+    """The full-tuning rate measured for a real pretrained encoder when the recipe's (tuned on the tiny encoder
+    `cmft pretrain` makes) is too high for one, and the evidence."""
+
+    def __init__(self, recipe: Any = None):
+        self.recipe = recipe
+        self.labels: list[str] = []
+        self.report: dict[str, Any] = {}
+        self.datasets: dict[str, list[dict]] = {}
+
+    # training ---------------------------------------------------------------------------------------------------
+    def tokens_per_pass(self) -> tuple[int, str]:
+        """The longest token sequence one forward pass gets, and the recipe key that sets it."""
+        return self.recipe.training.max_length, "training.max_length"
+
+    def position_way_out(self, limit: int) -> str:
+        """Besides a shorter max_length, how a text longer than an absolute position table can still be read."""
+        return ""
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return head_modules(model)
+
+    def wrap_lora(self, model: nn.Module, tuning: Any, heads: list[str]) -> nn.Module:
+        from cmft.finetuning.lora import wrap_lora
+
+        return wrap_lora(model, model.config.model_type, tuning, heads)
+
+    def merge_lora(self, model: nn.Module, adapter: Path | None, tokenizer: Any) -> nn.Module:
+        """Save the adapter (with the head) and the tokenizer to `adapter` when given; return the merged model."""
+        if adapter is not None:
+            model.save_pretrained(adapter)
+            tokenizer.save_pretrained(adapter)
+        return model.merge_and_unload()
+
+    def check_recipe(self) -> None:
+        """Refuse, before anything heavy runs, what this task cannot train (a CmftError)."""
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(len(self.datasets["train"]) / batch_size)
+
+    def trainer_arguments(self) -> tuple[type, dict[str, Any]]:
+        """The TrainingArguments class this task's trainer takes, and extra keyword arguments for it."""
+        from transformers import TrainingArguments
+
+        return TrainingArguments, {}
+
+    def make_trainer(self, model: nn.Module, args: Any, callbacks: list, tokenizer: Any, heads: list[str]) -> Any:
+        """The trainer (cmft's SafeTrainerMixin on an HF Trainer): the engine has set the schedule, checkpoints,
+        evaluation and best-checkpoint arguments; the task brings its data, collator, loss and dev metrics."""
+        from cmft.finetuning.trainer import FinetuneTrainer
+
+        args.train_sampling_strategy = "group_by_length"  # similar lengths per batch: far less padding
+
+        def dev_metrics(predictions: Any) -> dict[str, Any]:
+            return self.score(self.outputs_of(predictions.predictions), "dev", tune=True)
+
+        has_dev = "dev" in self.datasets
+        return FinetuneTrainer(
+            model=model, args=args, train_dataset=self.datasets["train"], eval_dataset=self.datasets.get("dev"),
+            data_collator=self.collator(tokenizer), callbacks=callbacks, task=self, head_modules=heads,
+            head_learning_rate=self.recipe.training.head_learning_rate,
+            compute_metrics=dev_metrics if has_dev else None,
+        )  # fmt: skip
+
+    def outputs_of(self, predictions: Any) -> list[np.ndarray]:
+        """The inference module's per-row outputs from the trainer's gathered predictions (model logits)."""
+        logits = predictions[0] if isinstance(predictions, tuple) else predictions
+        return list(np.asarray(logits))
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Task state a resumed run needs besides the weights (ICD: the threshold tuned on dev so far)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def counts(self, split: str) -> dict[str, int]:
+        """What metrics.json reports about the size of an evaluated split."""
+        return {"n_examples": len(self.datasets[split])}
+
+    def restore(self, meta: dict[str, Any]) -> None:
+        """Take a saved model's labels (and settings) from its manifest before `prepare`, for evaluation."""
+        self.labels = list(meta.get("labels") or [])
+
+    def inference_module(self, model: nn.Module) -> nn.Module:
+        """The trained model with the exported signature (input_ids, attention_mask) -> the graph's output."""
+        return LogitsModule(model)
+
+    def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
+        """Files besides the weights (labels.json) and the task's plots, from the final split's outputs."""
+
+    def summary(self) -> str:
+        """`cmft validate`'s line about the data."""
+        sizes = ", ".join(f"{name} {len(rows)}" for name, rows in self.datasets.items())
+        return f"{len(self.labels)} labels; examples: {sizes}"
+
+    # inference --------------------------------------------------------------------------------------------------
+    @classmethod
+    def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:
+        """A model input row from one text's token ids ([CLS] … [SEP])."""
+        return Unit(index, ids)
+
+    @classmethod
+    def encode(cls, tokenizer: Any, texts: list[str], meta: dict[str, Any]) -> tuple[list[Unit], dict[str, int]]:
+        """Model input rows for raw texts, and counts of what was truncated or windowed (never silently)."""
+        limit = int(meta["max_length"])
+        encoded = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        units = [Unit(index, cut_to(ids, limit)) for index, ids in enumerate(encoded)]
+        return units, {"n_truncated": sum(len(ids) > limit for ids in encoded), "n_windowed": 0}
+
+    @classmethod
+    def collate(cls, units: list[Unit], pad_id: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """A padded batch of int64 input_ids and attention_mask."""
+        return pad_rows(units, pad_id)
+
+    @classmethod
+    def input_shape(cls, meta: dict[str, Any]) -> str:
+        """The graph's input shape, for the export README."""
+        return "[batch, sequence]"
