@@ -162,6 +162,9 @@ class RetrievalTask(Task):
         """Save without sentence-transformers' generated card: it quotes training examples (note text)."""
         model.save_pretrained(str(folder), create_model_card=False)
         (folder / "README.md").write_text(MODEL_CARD.format(pooling=self.settings.pooling), encoding="utf-8")
+        evaluator_folder = folder.parent / "checkpoints" / "eval"  # the trainer's; cmft's evaluator writes nothing
+        if evaluator_folder.is_dir() and not any(evaluator_folder.iterdir()):
+            evaluator_folder.rmdir()
 
     def meta(self) -> dict[str, Any]:
         return _meta(self.recipe)
@@ -292,6 +295,18 @@ def _trainer_class():
     class RetrievalTrainer(SafeTrainerMixin, SentenceTransformerTrainer):
         def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
             pass  # its model card quotes training texts (note text): cmft writes its own card instead
+
+        def _load_best_model(self) -> None:
+            # sentence-transformers reloads the whole model from the checkpoint, which fails for a LoRA encoder (only
+            # logged, and the last step's adapter was kept): load the best checkpoint's adapter into it instead.
+            from peft import PeftModel, set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            encoder = self.model[0].model
+            if not isinstance(encoder, PeftModel):
+                return super()._load_best_model()
+            weights = load_file(str(Path(self.state.best_model_checkpoint) / "adapter_model.safetensors"))
+            set_peft_model_state_dict(encoder, weights)
 
         def _save(self, output_dir: str | None = None, state_dict=None) -> None:
             # No generated model card in checkpoints: sentence-transformers' card quotes training texts.
