@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from cmft.evaluation import evaluate_run
-from cmft.finetuning.run import bundled_recipes, finetune
+from cmft.finetuning.run import finetune
 from cmft.finetuning.trainer import FinetuneTrainer, token_count
 from cmft.finetuning.validate import validate_recipe
+from cmft.paths import bundled_configs
 from cmft.tasks.icd_coding import IcdCoder, collate_notes, encode_note, normalize_code
 from tests.conftest import run_cmft
 
@@ -24,7 +25,7 @@ ICD_METRICS = ("micro_f1", "macro_f1", "micro_auc", "macro_auc", "precision_at_5
                "map", "threshold")  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+@pytest.mark.parametrize("name", sorted(bundled_configs("recipes")))
 def test_every_shipped_recipe_validates(name, tiny_encoder):
     summary = validate_recipe(name, [f"model.encoder={tiny_encoder}"])
     assert summary.startswith("ok:")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -19,10 +20,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-recipes_app = typer.Typer(help="List, show and copy the bundled fine-tuning recipes.", no_args_is_help=True)
-app.add_typer(recipes_app, name="recipes")
-configs_app = typer.Typer(help="List, show and copy the bundled pretraining configs.", no_args_is_help=True)
-app.add_typer(configs_app, name="configs")
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides: key.sub=value (YAML scalars).")]
 OutputDir = Annotated[Path | None, typer.Option("--output-dir", help="Run folder to write (default: runs/...).")]
@@ -82,13 +79,7 @@ def pretrain(
     """Pretrain a clinical ModernBERT encoder with masked-language modelling on the bundled corpus."""
     from cmft.pretraining.run import pretrain as run_pretrain
 
-    items = list(overrides or [])
-    if config is not None and "=" in config:  # `cmft pretrain key=value` with the default config
-        items.insert(0, config)
-        config = None
-    run_dir = run_pretrain(config, items, output_dir=output_dir, resume=resume)
-    if is_main():
-        typer.echo(f"pretrain run finished: {run_dir}")
+    _run_stage("pretrain", run_pretrain, config, overrides, output_dir, resume)
 
 
 @app.command()
@@ -103,13 +94,18 @@ def finetune(
     """Fine-tune an encoder on a task recipe: NER, ICD coding, note classification or retrieval."""
     from cmft.finetuning.run import finetune as run_finetune
 
+    _run_stage("finetune", run_finetune, recipe, overrides, output_dir, resume)
+
+
+def _run_stage(kind: str, run: Callable, source: str | None, overrides: list[str] | None, output_dir: Path | None,
+               resume: bool) -> None:  # fmt: skip
     items = list(overrides or [])
-    if recipe is not None and "=" in recipe:  # `cmft finetune --resume key=value`
-        items.insert(0, recipe)
-        recipe = None
-    run_dir = run_finetune(recipe, items, output_dir=output_dir, resume=resume)
+    if source is not None and "=" in source:  # `cmft pretrain key=value` (the default config), `--resume key=value`
+        items.insert(0, source)
+        source = None
+    run_dir = run(source, items, output_dir=output_dir, resume=resume)
     if is_main():
-        typer.echo(f"finetune run finished: {run_dir}")
+        typer.echo(f"{kind} run finished: {run_dir}")
 
 
 @app.command()
@@ -195,70 +191,47 @@ def validate(
     typer.echo(validate_recipe(recipe, list(overrides or [])))
 
 
-@recipes_app.command("list")
-def recipes_list() -> None:
-    """List the bundled recipes."""
-    from cmft.finetuning.run import bundled_recipes, load_recipe
+def _describe_recipe(path: Path) -> str:
+    from cmft.finetuning.run import load_recipe
 
-    for name, path in bundled_recipes().items():
-        recipe = load_recipe(path)
-        typer.echo(f"{name:<28} task={recipe.task:<20} tuning={recipe.tuning.method}")
+    recipe = load_recipe(path)
+    return f"task={recipe.task:<20} tuning={recipe.tuning.method}"
 
 
-@recipes_app.command("show")
-def recipes_show(name: str) -> None:
-    """Print a bundled recipe."""
-    from cmft.finetuning.run import bundled_recipes
-
-    typer.echo(_bundled(bundled_recipes(), name, "recipe", "cmft recipes list").read_text(encoding="utf-8"), nl=False)
-
-
-@recipes_app.command("cp")
-def recipes_cp(name: str, dest: Path) -> None:
-    """Copy a bundled recipe to edit it (its data paths stay `bundled:...` until you change them)."""
-    from cmft.finetuning.run import bundled_recipes
-
-    _copy(_bundled(bundled_recipes(), name, "recipe", "cmft recipes list"), dest)
-
-
-@configs_app.command("list")
-def configs_list() -> None:
-    """List the bundled pretraining configs."""
+def _describe_config(path: Path) -> str:
     from cmft.config import load_config
     from cmft.pretraining.config import PretrainConfig
-    from cmft.pretraining.run import bundled_pretrain_configs
 
-    for name, path in bundled_pretrain_configs().items():
-        config = load_config(PretrainConfig, path)
-        shape = config.model.architecture
-        typer.echo(
-            f"{name:<28} hidden={shape.hidden_size:<5} layers={shape.num_hidden_layers:<3} "
-            f"max_steps={config.training.max_steps}"
-        )
+    config = load_config(PretrainConfig, path)
+    shape = config.model.architecture
+    return f"hidden={shape.hidden_size:<5} layers={shape.num_hidden_layers:<3} max_steps={config.training.max_steps}"
 
 
-@configs_app.command("show")
-def configs_show(name: str) -> None:
-    """Print a bundled pretraining config."""
-    from cmft.pretraining.run import bundled_pretrain_configs
+def _bundled_group(command: str, folder: str, what: str, describe: Callable[[Path], str], after_cp: str) -> None:
+    """`cmft COMMAND list | show NAME | cp NAME DEST` over one bundled folder."""
+    from cmft.paths import bundled_config, bundled_configs
 
-    config = _bundled(bundled_pretrain_configs(), name, "pretraining config", "cmft configs list")
-    typer.echo(config.read_text(encoding="utf-8"), nl=False)
+    group = typer.Typer(help=f"List, show and copy the bundled {what}s.", no_args_is_help=True)
+    app.add_typer(group, name=command)
+
+    @group.command("list", help=f"List the bundled {what}s.")
+    def list_all() -> None:
+        for name, path in bundled_configs(folder).items():
+            typer.echo(f"{name:<28} {describe(path)}")
+
+    @group.command("show", help=f"Print a bundled {what}.")
+    def show(name: str) -> None:
+        typer.echo(bundled_config(name, folder, what, f"cmft {command} list").read_text(encoding="utf-8"), nl=False)
+
+    @group.command("cp", help=f"Copy a bundled {what} to edit it; {after_cp}.")
+    def copy(name: str, dest: Path) -> None:
+        _copy(bundled_config(name, folder, what, f"cmft {command} list"), dest)
 
 
-@configs_app.command("cp")
-def configs_cp(name: str, dest: Path) -> None:
-    """Copy a bundled pretraining config to edit it; run it with `cmft pretrain DEST`."""
-    from cmft.pretraining.run import bundled_pretrain_configs
-
-    _copy(_bundled(bundled_pretrain_configs(), name, "pretraining config", "cmft configs list"), dest)
-
-
-def _bundled(named: dict[str, Path], name: str, what: str, list_command: str) -> Path:
-    name = name.removesuffix(".yaml")
-    if name not in named:
-        raise CmftError(f"{name}: no bundled {what} of that name (bundled: {', '.join(named)}; `{list_command}`)")
-    return named[name]
+_bundled_group(
+    "recipes", "recipes", "recipe", _describe_recipe, "its data paths stay `bundled:...` until you change them"
+)
+_bundled_group("configs", "pretrain", "pretraining config", _describe_config, "run it with `cmft pretrain DEST`")
 
 
 def _copy(source: Path, dest: Path) -> None:

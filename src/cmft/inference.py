@@ -223,8 +223,7 @@ def embed_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: 
     """[texts, dim] float32 outputs of a bi-encoder, kept as arrays (no JSON rounding) for ranking, and the
     truncation counts."""
     units, counts = loaded.task.encode(loaded.tokenizer, texts, loaded.meta)
-    outputs = run_units(loaded, backend, units, batch_size)
-    return np.stack([np.asarray(outputs[k], dtype=np.float32) for k in range(len(units))]), counts
+    return np.stack(run_units(loaded, backend, units, batch_size)).astype(np.float32), counts
 
 
 def search(loaded: Loaded, backend: Backend, texts: list[str], corpus_path: Path, top_k: int,

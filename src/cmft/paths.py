@@ -81,9 +81,12 @@ def resolve_config(given: str | Path, folder: str, what: str, list_command: str)
         if not path.is_file():
             raise CmftError(f"{given}: {what} file not found")
         return path
+    return bundled_config(str(given), folder, what, list_command)
+
+
+def bundled_config(name: str, folder: str, what: str, list_command: str) -> Path:
+    """A bundled recipe or config by name (`icd_coding`, or `icd_coding.yaml`); a one-line error naming the others."""
     named = bundled_configs(folder)
-    if str(given) in named:
-        return named[str(given)]
-    raise CmftError(
-        f"{given}: no bundled {what} of that name (bundled: {', '.join(named) or 'none'}; `{list_command}`)"
-    )
+    if name.removesuffix(".yaml") not in named:
+        raise CmftError(f"{name}: no bundled {what} of that name (bundled: {', '.join(named)}; `{list_command}`)")
+    return named[name.removesuffix(".yaml")]

@@ -7,12 +7,8 @@ from pathlib import Path
 from cmft.config import load_config
 from cmft.errors import CmftError
 from cmft.finetuning.config import RecipeConfig
-from cmft.paths import bundled_configs, resolve_config
+from cmft.paths import resolve_config
 from cmft.runs import run_or_discard, start_or_resume
-
-
-def bundled_recipes() -> dict[str, Path]:
-    return bundled_configs("recipes")
 
 
 def resolve_recipe(recipe: str | Path) -> Path:

@@ -5,15 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmft.config import load_config
-from cmft.paths import bundled_configs, resolve_config
+from cmft.paths import resolve_config
 from cmft.pretraining.config import PretrainConfig
 from cmft.runs import run_or_discard, start_or_resume
 
 DEFAULT_CONFIG = "clinical_tiny"
-
-
-def bundled_pretrain_configs() -> dict[str, Path]:
-    return bundled_configs("pretrain")
 
 
 def resolve_pretrain_config(config: str | Path | None) -> Path:

@@ -10,7 +10,6 @@ threshold, max_length, ...), so an export folder needs no recipe.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,28 +52,16 @@ def cut_to(ids: list[int], limit: int) -> list[int]:
     return ids if len(ids) <= limit else [*ids[: limit - 1], ids[-1]]
 
 
-class LogitsModule(nn.Module):
-    """An AutoModelFor<Task>'s logits, with the exported signature (input_ids, attention_mask) -> one tensor."""
+class OutputModule(nn.Module):
+    """One output of a model (`logits`, `last_hidden_state`) with the exported signature: (input_ids,
+    attention_mask) -> one fp32 tensor."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, output: str = "logits"):
         super().__init__()
-        self.model = model
+        self.model, self.output = model, output
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-
-
-def head_modules(model: nn.Module) -> list[str]:
-    """The model's own modules besides the encoder (head, classifier, ...): trained fully, and saved with LoRA."""
-    base = getattr(model, "base_model_prefix", "model")
-    children = model.named_children()
-    return [name for name, child in children if name != base and next(child.parameters(), None) is not None]
-
-
-def saved_labels(folder: Path) -> list[str]:
-    """Label names in id order from a saved model's config.json (id2label)."""
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.output).float()
 
 
 def load_pretrained(cls: Any, folder: Path, attention: str) -> nn.Module:
@@ -91,30 +78,24 @@ def load_pretrained(cls: Any, folder: Path, attention: str) -> nn.Module:
 
 
 class Task:
-    """Defaults for the interface; each task overrides what it does differently (see the module docstring).
+    """The interface, with defaults for a transformers AutoModelFor<Task> head (`auto_class`); each task overrides
+    what it does differently. Training: `prepare` fills `datasets[split]` (rows with `input_ids`, and `labels` for the
+    trainer); `build_model`, `collator`, `loss`, `make_trainer` train; `score` turns the inference module's outputs
+    on a split into metrics; `save` writes model/. Inference, from the manifest alone: `load_inference`, `encode`,
+    `unit`, `collate`, `decode`."""
 
-    Training: `prepare` reads and tokenizes the recipe's splits into `datasets[split]` (rows with `input_ids`, and
-    `labels` where the engine's trainer uses them); `build_model`, `head_modules`, `collator`, `loss`,
-    `make_trainer` train it; `score` turns the inference module's outputs on a split into metrics; `save` writes
-    the model folder. Inference (from the manifest `meta` alone): `load_inference`, `encode`, `unit`, `collate`,
-    `decode`."""
-
-    name: ClassVar[str]
-    """The recipe's `task`."""
-    metric_for_best: ClassVar[str]
-    """The dev metric that picks the best checkpoint, measures the int8 cost and ranks benchmarks."""
-    output: ClassVar[str] = "logits"
-    """The exported graph's output name, and what it holds (for the export README)."""
+    name: ClassVar[str]  # the recipe's `task`
+    metric_for_best: ClassVar[str]  # picks the best checkpoint, measures the int8 cost, ranks benchmarks
+    output: ClassVar[str] = "logits"  # the exported graph's output, and what it holds (for the export README)
     output_meaning: ClassVar[str] = ""
-    token_level: ClassVar[bool] = False
-    """Outputs per token ([batch, sequence, ...]): parity is checked on real positions only."""
-    predicts: ClassVar[bool] = True
-    """False for a bare encoder: nothing to decode into a prediction."""
-    searches: ClassVar[bool] = False
-    """Whether `cmft predict --corpus` can rank documents with it (a bi-encoder)."""
+    token_level: ClassVar[bool] = False  # outputs per token: parity is checked on real positions only
+    predicts: ClassVar[bool] = True  # False for a bare encoder: nothing to decode
+    searches: ClassVar[bool] = False  # a bi-encoder: `cmft predict --corpus` ranks documents with it
+    # The full-tuning rate measured for a real pretrained encoder where the recipe's (tuned on the tiny encoder
+    # `cmft pretrain` makes) is too high for one, and the evidence.
     pretrained_encoder_rate: ClassVar[tuple[float, str] | None] = None
-    """The full-tuning rate measured for a real pretrained encoder when the recipe's (tuned on the tiny encoder
-    `cmft pretrain` makes) is too high for one, and the evidence."""
+    auto_class: ClassVar[Any] = None
+    throughput_unit: ClassVar[str] = "examples"
 
     def __init__(self, recipe: Any = None):
         self.recipe = recipe
@@ -123,6 +104,30 @@ class Task:
         self.datasets: dict[str, list[dict]] = {}
 
     # training ---------------------------------------------------------------------------------------------------
+    def build_model(self, encoder: str, attention: str, trust_remote_code: bool) -> nn.Module:
+        return self.auto_class.from_pretrained(
+            encoder, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
+            label2id={label: i for i, label in enumerate(self.labels)}, attn_implementation=attention,
+            trust_remote_code=trust_remote_code, use_safetensors=True,
+        )  # fmt: skip
+
+    def load_model(self, folder: Path) -> nn.Module:
+        return self.auto_class.from_pretrained(folder, use_safetensors=True).eval()
+
+    def save(self, model: nn.Module, tokenizer: Any, folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    def meta(self) -> dict[str, Any]:
+        """The manifest inference needs (saved in an export folder as cmft_export.json)."""
+        return {"task": self.name, "max_length": self.recipe.training.max_length, "labels": self.labels,
+                **self.settings_meta(self.recipe)}  # fmt: skip
+
+    @classmethod
+    def settings_meta(cls, recipe: Any) -> dict[str, Any]:
+        """Recipe settings decoding needs besides labels and max_length."""
+        return {}
+
     def tokens_per_pass(self) -> tuple[int, str]:
         """The longest token sequence one forward pass gets, and the recipe key that sets it."""
         return self.recipe.training.max_length, "training.max_length"
@@ -132,7 +137,10 @@ class Task:
         return ""
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        return head_modules(model)
+        """The model's own modules besides the encoder (the head): trained fully, and saved with LoRA."""
+        base = getattr(model, "base_model_prefix", "model")
+        children = model.named_children()
+        return [name for name, child in children if name != base and next(child.parameters(), None) is not None]
 
     def wrap_lora(self, model: nn.Module, tuning: Any, heads: list[str]) -> nn.Module:
         from cmft.finetuning.lora import wrap_lora
@@ -147,13 +155,13 @@ class Task:
         return model.merge_and_unload()
 
     def check_recipe(self) -> None:
-        """Refuse, before anything heavy runs, what this task cannot train (a CmftError)."""
+        """Refuse what this task cannot train (a CmftError), before anything heavy runs."""
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(len(self.datasets["train"]) / batch_size)
 
     def trainer_arguments(self) -> tuple[type, dict[str, Any]]:
-        """The TrainingArguments class this task's trainer takes, and extra keyword arguments for it."""
+        """The TrainingArguments class of this task's trainer, and extra keyword arguments for it."""
         from transformers import TrainingArguments
 
         return TrainingArguments, {}
@@ -168,12 +176,11 @@ class Task:
         def dev_metrics(predictions: Any) -> dict[str, Any]:
             return self.score(self.outputs_of(predictions.predictions), "dev", tune=True)
 
-        has_dev = "dev" in self.datasets
         return FinetuneTrainer(
             model=model, args=args, train_dataset=self.datasets["train"], eval_dataset=self.datasets.get("dev"),
             data_collator=self.collator(tokenizer), callbacks=callbacks, task=self, head_modules=heads,
             head_learning_rate=self.recipe.training.head_learning_rate,
-            compute_metrics=dev_metrics if has_dev else None,
+            compute_metrics=dev_metrics if "dev" in self.datasets else None,
         )  # fmt: skip
 
     def outputs_of(self, predictions: Any) -> list[np.ndarray]:
@@ -186,7 +193,7 @@ class Task:
         return {}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Take back what `checkpoint_state` kept."""
 
     def counts(self, split: str) -> dict[str, int]:
         """What metrics.json reports about the size of an evaluated split."""
@@ -198,7 +205,7 @@ class Task:
 
     def inference_module(self, model: nn.Module) -> nn.Module:
         """The trained model with the exported signature (input_ids, attention_mask) -> the graph's output."""
-        return LogitsModule(model)
+        return OutputModule(model)
 
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         """Files besides the weights (labels.json) and the task's plots, from the final split's outputs."""
@@ -209,6 +216,15 @@ class Task:
         return f"{len(self.labels)} labels; examples: {sizes}"
 
     # inference --------------------------------------------------------------------------------------------------
+    @classmethod
+    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
+        """A saved model folder's inference module (fp32, eval) and manifest."""
+        model = load_pretrained(cls.auto_class, folder, attention)
+        labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+        meta = {"task": cls.name, "max_length": recipe.training.max_length, "labels": labels,
+                **cls.settings_meta(recipe)}  # fmt: skip
+        return OutputModule(model).eval(), meta
+
     @classmethod
     def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:
         """A model input row from one text's token ids ([CLS] … [SEP])."""
@@ -224,7 +240,7 @@ class Task:
 
     @classmethod
     def collate(cls, units: list[Unit], pad_id: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """A padded batch of int64 input_ids and attention_mask."""
+        """A padded batch: int64 input_ids and attention_mask."""
         return pad_rows(units, pad_id)
 
     @classmethod

@@ -15,13 +15,14 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.metrics import classification_metrics
-from cmft.tasks.base import LogitsModule, Task, cut_to, load_pretrained, saved_labels
+from cmft.tasks.base import Task, cut_to
 
 
 class ClassificationTask(Task):
     name = "note_classification"
     metric_for_best = "macro_f1"
     output_meaning = "[batch, labels] logits; softmax gives the class probabilities (labels in the manifest)"
+    auto_class = AutoModelForSequenceClassification
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)
@@ -69,32 +70,11 @@ class ClassificationTask(Task):
         return DataCollatorWithPadding(tokenizer)
 
     # model ------------------------------------------------------------------------------------------
-    def build_model(self, encoder: str, attention: str, trust_remote_code: bool) -> nn.Module:
-        return AutoModelForSequenceClassification.from_pretrained(
-            encoder,
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={label: i for i, label in enumerate(self.labels)},
-            attn_implementation=attention,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        )
-
     def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         weight = None if self.class_weights is None else self.class_weights.to(outputs.logits.device)
         return nn.functional.cross_entropy(outputs.logits.float(), labels, weight=weight), outputs
-
-    def load_model(self, folder: Path) -> nn.Module:
-        return AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
-
-    def save(self, model: nn.Module, tokenizer, folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    def meta(self) -> dict[str, Any]:
-        return {"task": self.name, "max_length": self.recipe.training.max_length, "labels": self.labels}
 
     # metrics ----------------------------------------------------------------------------------------
     def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
@@ -108,12 +88,6 @@ class ClassificationTask(Task):
         _confusion_plot(labels, np.stack(outputs).argmax(-1), self.labels, plots / "confusion_matrix.png")
 
     # inference --------------------------------------------------------------------------------------
-    @classmethod
-    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
-        model = load_pretrained(AutoModelForSequenceClassification, folder, attention)
-        meta = {"task": cls.name, "max_length": recipe.training.max_length, "labels": saved_labels(folder)}
-        return LogitsModule(model).eval(), meta
-
     @classmethod
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list) -> dict[str, Any]:
         logits = outputs[0].astype(np.float64)

@@ -6,20 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from cmft.errors import CmftError
-from cmft.tasks.base import Task, Unit, load_pretrained
-
-
-class EncoderModule(nn.Module):
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+from cmft.tasks.base import OutputModule, Task, Unit, load_pretrained
 
 
 class EncoderTask(Task):
@@ -35,7 +25,7 @@ class EncoderTask(Task):
 
         encoder = load_pretrained(AutoModel, folder, attention)
         meta = {"task": cls.name, "max_length": int(encoder.config.max_position_embeddings)}
-        return EncoderModule(encoder).eval(), meta
+        return OutputModule(encoder, "last_hidden_state").eval(), meta
 
     @classmethod
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.heads import LabelAttentionHead, PooledHead
 from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
-from cmft.tasks.base import Task, Unit, pad_rows
+from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
 
 HEAD_WEIGHTS = "icd_head.safetensors"
 HEAD_CONFIG = "icd_coding.json"
@@ -109,15 +109,13 @@ class IcdCoder(nn.Module):
         coder.tokenizer = AutoTokenizer.from_pretrained(folder)
         return coder.eval()
 
-    @torch.no_grad()
     def predict_proba(self, texts: list[str], batch_size: int = 8) -> np.ndarray:
-        tokenizer = self.tokenizer
-        probabilities = []
-        for start in range(0, len(texts), batch_size):
-            ids = [encode_note(tokenizer, t, self.settings)[0] for t in texts[start : start + batch_size]]
-            batch = collate_notes([{"input_ids": i} for i in ids], tokenizer.pad_token_id, self.settings)
-            probabilities.append(torch.sigmoid(self(**batch)["logits"]).cpu().numpy())
-        return np.concatenate(probabilities)
+        """[texts, codes] probabilities, computed as `cmft predict` computes them."""
+        from cmft.inference import Loaded, TorchBackend, run_units
+
+        loaded = Loaded(IcdCodingTask, self.tokenizer, _meta(self.settings["max_length"], self.settings))
+        units, _ = IcdCodingTask.encode(self.tokenizer, texts, loaded.meta)
+        return np.stack(run_units(loaded, TorchBackend(IcdModule(self)), units, batch_size))
 
     def predict(self, texts: list[str]) -> list[dict[str, float]]:
         probabilities = self.predict_proba(texts)
@@ -142,19 +140,10 @@ def encode_note(tokenizer, text: str, settings: dict[str, Any]) -> tuple[Any, bo
 
 
 def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Pad to the longest note (whole: [B, T]) or to the most chunks ([B, C, chunk_size])."""
-    if settings["mode"] == "whole":
-        length = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), length), pad_id, dtype=torch.long)
-        for row, feature in enumerate(features):
-            ids[row, : len(feature["input_ids"])] = torch.tensor(feature["input_ids"])
-    else:
-        chunks = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), chunks, settings["chunk_size"]), pad_id, dtype=torch.long)
-        for row, feature in enumerate(features):
-            for c, chunk in enumerate(feature["input_ids"]):
-                ids[row, c, : len(chunk)] = torch.tensor(chunk)
-    batch = {"input_ids": ids, "attention_mask": (ids != pad_id).long()}
+    """Pad to the longest note (whole: [B, T]) or to the most chunks ([B, C, chunk_size]), as inference does."""
+    units = [Unit(row, feature["input_ids"]) for row, feature in enumerate(features)]
+    ids, mask = IcdCodingTask.collate(units, pad_id, {"icd": settings})
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
     if "labels" in features[0]:
         batch["labels"] = torch.tensor(np.stack([f["labels"] for f in features]), dtype=torch.float32)
     return batch
@@ -306,8 +295,7 @@ class IcdCodingTask(Task):
 
     def save(self, model: nn.Module, tokenizer, folder: Path) -> None:
         model.settings = self.settings  # the tuned threshold travels with the model
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        super().save(model, tokenizer, folder)
 
     def meta(self) -> dict[str, Any]:
         return _meta(self.recipe.training.max_length, self.settings)
@@ -333,14 +321,8 @@ class IcdCodingTask(Task):
     # inference --------------------------------------------------------------------------------------
     @classmethod
     def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
-        from cmft.modeling import check_model_folder
-
-        check_model_folder(folder, "run")
-        try:
-            coder = IcdCoder.from_pretrained(folder, attn_implementation=attention)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CmftError(f"{folder}: the model does not load ({type(exc).__name__}: {str(exc)[:120]})") from None
-        return IcdModule(coder.float().eval()).eval(), _meta(recipe.training.max_length, coder.settings)
+        coder = load_pretrained(IcdCoder, folder, attention)
+        return IcdModule(coder).eval(), _meta(recipe.training.max_length, coder.settings)
 
     @classmethod
     def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:

@@ -15,7 +15,7 @@ from cmft.data.ner import read_conll, read_span_jsonl, word_spans
 from cmft.errors import CmftError
 from cmft.metrics import entity_metrics
 from cmft.paths import resolve_path
-from cmft.tasks.base import LogitsModule, Task, Unit, load_pretrained, saved_labels
+from cmft.tasks.base import Task, Unit
 
 
 def to_iob2(tags: list[str]) -> list[str]:
@@ -81,6 +81,7 @@ class NerTask(Task):
     metric_for_best = "f1"
     output_meaning = "[batch, sequence, tags] logits per token; a word's tag is argmax at its first sub-token"
     token_level = True
+    auto_class = AutoModelForTokenClassification
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)
@@ -137,36 +138,20 @@ class NerTask(Task):
     def collator(self, tokenizer):
         return DataCollatorForTokenClassification(tokenizer)
 
-    def build_model(self, encoder: str, attention: str, trust_remote_code: bool) -> nn.Module:
-        return AutoModelForTokenClassification.from_pretrained(
-            encoder, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
-            label2id={t: i for i, t in enumerate(self.labels)}, attn_implementation=attention,
-            trust_remote_code=trust_remote_code, use_safetensors=True,
-        )  # fmt: skip
-
     def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
         outputs = model(**inputs)
         return outputs.loss, outputs
 
-    def load_model(self, folder: Path) -> nn.Module:
-        return AutoModelForTokenClassification.from_pretrained(folder, use_safetensors=True).eval()
-
-    def save(self, model: nn.Module, tokenizer, folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    def meta(self) -> dict[str, Any]:
-        return {"task": self.name, "max_length": self.recipe.training.max_length, "labels": self.labels,
-                "stride": self.options.stride}  # fmt: skip
+    @classmethod
+    def settings_meta(cls, recipe: Any) -> dict[str, Any]:
+        return {"stride": recipe.ner.stride}
 
     def word_predictions(self, outputs: list[np.ndarray], split: str) -> list[list[str]]:
         """Each sentence's word tags, its windows' token logits merged per word (as prediction does)."""
         predictions, cursor = [], 0
         for (words, _), windows in zip(self.sentences[split], self.windows[split], strict=True):
-            window_logits = [outputs[cursor + i][: len(w["input_ids"])] for i, w in enumerate(windows)]
+            predictions.append(word_tags(self.labels, windows, outputs[cursor : cursor + len(windows)], len(words)))
             cursor += len(windows)
-            merged = merge_windows(windows, window_logits, len(words))
-            predictions.append(repair_tags([self.labels[i] for i in merged.argmax(-1)]))
         return predictions
 
     def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
@@ -177,13 +162,6 @@ class NerTask(Task):
         (folder / "labels.json").write_text(json.dumps(self.labels, indent=2), encoding="utf-8")
 
     # inference --------------------------------------------------------------------------------------
-    @classmethod
-    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
-        model = load_pretrained(AutoModelForTokenClassification, folder, attention)
-        meta = {"task": cls.name, "max_length": recipe.training.max_length, "labels": saved_labels(folder),
-                "stride": recipe.ner.stride}  # fmt: skip
-        return LogitsModule(model).eval(), meta
-
     @classmethod
     def encode(cls, tokenizer: Any, texts: list[str], meta: dict[str, Any]) -> tuple[list[Unit], dict[str, int]]:
         """Words split as in training; a text longer than max_length becomes overlapping windows (not cut)."""
@@ -200,15 +178,18 @@ class NerTask(Task):
         return {"entities": entities(meta["labels"], text, outputs, units)}
 
 
+def word_tags(labels: list[str], windows: list[dict], outputs: list[np.ndarray], n_words: int) -> list[str]:
+    """Each word's tag from the token logits of its text's windows (padding beyond a window ignored)."""
+    merged = merge_windows(windows, [o[: len(w["input_ids"])] for o, w in zip(outputs, windows, strict=True)], n_words)
+    return repair_tags([labels[i] for i in merged.argmax(-1)])
+
+
 def entities(labels: list[str], text: str, outputs: list[np.ndarray], units: list[Unit]) -> list[dict[str, Any]]:
     """Entities with character offsets in `text`, from the token logits of its windows."""
     spans = word_spans(text)
     if not spans:
         return []
-    windows = [u.window for u in units]
-    merged = merge_windows(windows, [o[: len(w["input_ids"])] for o, w in zip(outputs, windows, strict=True)],
-                           len(spans))  # fmt: skip
-    tags = repair_tags([labels[i] for i in merged.argmax(-1)])
+    tags = word_tags(labels, [u.window for u in units], outputs, len(spans))
     found: list[dict[str, Any]] = []
     for (start, end), tag in zip(spans, tags, strict=True):
         if tag.startswith("B-"):

@@ -9,6 +9,7 @@ queries and its whole corpus through the shared evaluation loop and ranks by cos
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from cmft.errors import CmftError
 from cmft.metrics import rank, retrieval_metrics
 from cmft.tasks.base import Task, Unit, cut_to, load_pretrained
 
+log = logging.getLogger("cmft")
 MODEL_CARD = """# cmft bi-encoder
 
 Trained with `cmft finetune` (task: retrieval). Embeddings are {pooling}-pooled and L2-normalised, so the dot
@@ -149,12 +151,6 @@ class RetrievalTask(Task):
         model[0].model = model[0].model.merge_and_unload()
         return model
 
-    def load_model(self, folder: Path) -> nn.Module:
-        from sentence_transformers import SentenceTransformer
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return SentenceTransformer(str(folder), device=device, model_kwargs={"use_safetensors": True})
-
     def inference_module(self, model: nn.Module) -> nn.Module:
         return EmbeddingModule(model[0].model, self.settings.pooling)
 
@@ -201,7 +197,7 @@ class RetrievalTask(Task):
             if mined:
                 rows = mined
             else:
-                log_warning("retrieval.hard_negatives: no negative passed the margin; training on in-batch negatives")
+                log.warning("retrieval.hard_negatives: no negative passed the margin; training on in-batch negatives")
         if not rows:
             raise CmftError(f"data.train: {self.splits['train'].source}: no training pair left")
         return rows
@@ -222,7 +218,7 @@ class RetrievalTask(Task):
             kind, mini_batch, why = distributed.agree(lambda: fit_loss(
                 kind, mini_batch, per_device, texts_per_row, per_text, memory_share()))  # fmt: skip
             if why:
-                log_warning(why)
+                log.warning(why)
                 self.report["loss"] = f"cached (chosen for memory), mini_batch_size {mini_batch}"
         if kind == "cached":
             return CachedMultipleNegativesRankingLoss(model, scale=settings.scale, mini_batch_size=mini_batch,
@@ -257,12 +253,6 @@ class RetrievalTask(Task):
 def _meta(recipe: Any) -> dict[str, Any]:
     return {"task": RetrievalTask.name, "max_length": recipe.training.max_length,
             "pooling": recipe.retrieval.pooling, "normalized": True}  # fmt: skip
-
-
-def log_warning(message: str) -> None:
-    import logging
-
-    logging.getLogger("cmft").warning(message)
 
 
 def _evaluator(task: RetrievalTask, batch_size: int, pad_id: int):
@@ -343,13 +333,10 @@ def activation_bytes(config, length: int) -> int:
 
 
 def available_memory() -> int:
-    """Free memory on this machine, in bytes."""
-    try:
-        import psutil
+    """Free memory on this machine, in bytes (psutil comes with accelerate)."""
+    import psutil
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # psutil comes with accelerate; this is the fallback
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
 
 
 def memory_share() -> int:
