@@ -13,7 +13,7 @@ from cmft.errors import CmftError
 from cmft.finetuning.run import finetune
 from cmft.metrics import entity_metrics
 from cmft.tasks.ner import align_windows, merge_windows, repair_tags, to_iob2
-from tests.conftest import run_cmft
+from tests.conftest import REPO, run_cmft
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_ner_recipe_end_to_end(tiny_encoder, tmp_path):
     again = evaluate_run(run, "test")
     for key in ("precision", "recall", "f1"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-9), key
-    _raw_text_predictions_are_what_evaluation_scored(run)
+    _raw_text_predictions_are_what_evaluation_scored(run, tmp_path)
 
 
 def _as_written(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -138,7 +138,7 @@ def _entity_spans(spans: list[tuple[int, int]], tags: list[str]) -> list[tuple[i
     return [tuple(entity) for entity in found]
 
 
-def _raw_text_predictions_are_what_evaluation_scored(run):
+def _raw_text_predictions_are_what_evaluation_scored(run, tmp_path):
     """`cmft predict` on raw text splits words as training and evaluation do (the bug: "X-linked" was one word at
     prediction, three in training), so it returns exactly the entities evaluation scored — checked on the test
     sentences with hyphens or apostrophes, with the trained model and with logits that depend on each token (so
@@ -147,13 +147,17 @@ def _raw_text_predictions_are_what_evaluation_scored(run):
     from cmft.inference import TorchBackend, load_run, predict_texts
     from cmft.tasks import get_task
 
+    sentences, _ = read_conll(REPO / "data/ncbi_disease/test.tsv")
+    chosen = [(words, tags) for words, tags in sentences if {"-", "'"} & set(words)]
+    assert len(chosen) == 383  # of NCBI-disease's 940 test sentences
+    test = tmp_path / "hyphens.tsv"
+    test.write_text("\n\n".join("\n".join(map("\t".join, zip(*pair, strict=True))) for pair in chosen) + "\n")
     loaded = load_run(run)
+    loaded.recipe.data.test = str(test)
     task = get_task(loaded.recipe)
     task.restore(loaded.meta)
     task.prepare(loaded.tokenizer, splits=("test",))
-    chosen = [i for i, (words, _) in enumerate(task.sentences["test"]) if {"-", "'"} & set(words)]
-    assert len(chosen) == 383  # of NCBI-disease's 940 test sentences
-    written = [_as_written(task.sentences["test"][i][0]) for i in chosen]
+    written = [_as_written(words) for words, _ in chosen]
     labels = len(loaded.meta["labels"])
 
     def by_token(ids, mask):
@@ -162,9 +166,11 @@ def _raw_text_predictions_are_what_evaluation_scored(run):
         return logits
 
     for backend in (TorchBackend(loaded.module), by_token):
-        tags = task.word_predictions(split_outputs(task, backend, "test", 16, loaded.pad_id), "test")
-        expected = [_entity_spans(spans, tags[i]) for i, (_, spans) in zip(chosen, written, strict=True)]
-        results, counts = predict_texts(loaded, backend, [text for text, _ in written])
+        tags = task.word_predictions(split_outputs(task, backend, "test", 64, loaded.pad_id), "test")
+        expected = [
+            _entity_spans(spans, sentence_tags) for (_, spans), sentence_tags in zip(written, tags, strict=True)
+        ]
+        results, counts = predict_texts(loaded, backend, [text for text, _ in written], batch_size=64)
         assert counts["n_truncated"] == 0
         assert [[(e["start"], e["end"], e["label"]) for e in r["entities"]] for r in results] == expected
     assert sum(map(len, expected)) > 100
