@@ -30,18 +30,11 @@ def evaluate(task: Any, backend: Backend, split: str, batch_size: int, pad_id: i
     return task.score(split_outputs(task, backend, split, batch_size, pad_id), split, tune)
 
 
-def evaluate_loaded(loaded: Loaded, backend: Backend, split: str = "dev", batch_size: int = 16,
-                    overrides: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_loaded(loaded: Loaded, backend: Backend, split: str = "dev", batch_size: int = 16) -> dict[str, Any]:
     """Metrics of a loaded run (its recipe, its saved labels and settings) through `backend` on a split."""
-    recipe = loaded.recipe
-    if overrides:
-        from cmft.config import apply_overrides, build_config
-        from cmft.finetuning.config import RecipeConfig
-
-        recipe = build_config(RecipeConfig, apply_overrides(recipe.model_dump(), overrides), "recipe.yaml")
-    if getattr(recipe.data, split) is None:
+    if getattr(loaded.recipe.data, split) is None:
         raise CmftError(f"{loaded.run_dir}: the recipe has no {split} split; pass --data PATH")
-    task = get_task(recipe)
+    task = get_task(loaded.recipe)
     task.restore(loaded.meta)
     task.prepare(loaded.tokenizer, splits=(split,))
     metrics = evaluate(task, backend, split, batch_size, loaded.pad_id)
@@ -59,6 +52,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | No
     if split not in ("train", "dev", "test"):
         raise CmftError(f"--split {split}: choose train, dev or test")
     loaded = load_run(run_dir)
-    overrides = [f"data.{split}={Path(data).resolve()}"] if data is not None else []
-    return evaluate_loaded(loaded, TorchBackend(loaded.module), split, loaded.recipe.training.eval_batch_size,
-                           overrides)  # fmt: skip
+    if data is not None:  # read as that split
+        setattr(loaded.recipe.data, split, str(Path(data).resolve()))
+    return evaluate_loaded(loaded, TorchBackend(loaded.module), split, loaded.recipe.training.eval_batch_size)

@@ -11,8 +11,7 @@ from typing import Any
 
 from cmft.errors import CmftError
 
-BARE_ENCODER = "encoder"
-"""The entry for a `cmft pretrain` run's bare encoder: inference and export only."""
+BARE_ENCODER = "encoder"  # a `cmft pretrain` run's bare encoder: inference and export only
 REGISTRY = {
     "ner": "cmft.tasks.ner:NerTask",
     "icd_coding": "cmft.tasks.icd_coding:IcdCodingTask",
@@ -31,5 +30,4 @@ def task_class(name: str) -> type:
 
 
 def get_task(recipe: Any):
-    """The task object for a validated recipe."""
     return task_class(recipe.task)(recipe)
