@@ -1,8 +1,6 @@
 """The one evaluation loop: a task's prepared split through any back end (torch or onnxruntime, fp32 or int8).
-
-Training's final dev and test metrics, `cmft evaluate`, `cmft export --quantize int8` (what int8 costs on dev), the
-retrieval trainer's dev evaluation and the benchmarks all run here, so their figures agree.
-"""
+Training's final metrics, `cmft evaluate`, the export's int8 check, retrieval's dev evaluation and the benchmarks all
+run here, so their figures agree."""
 
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ from cmft.tasks.base import Unit
 
 def split_outputs(task: Any, backend: Backend, split: str, batch_size: int, pad_id: int) -> list[np.ndarray]:
     """The back end's output for every prepared row of `split`, in row order."""
-    rows = task.datasets[split]
-    units = [Unit(index, row["input_ids"]) for index, row in enumerate(rows)]
+    units = [Unit(index, row["input_ids"]) for index, row in enumerate(task.datasets[split])]
     return run_units(Loaded(type(task), None, task.meta()), backend, units, batch_size, pad_id=pad_id)
 
 

@@ -1,10 +1,6 @@
-"""Inference back ends shared by `cmft predict`, `cmft evaluate`, `cmft export` and the benchmarks.
-
-A loaded run or export is its task class, the manifest (`meta`: labels, threshold, max_length, ...), the tokenizer
-and, for a run, the torch module computing exactly what the ONNX graph computes. A back end maps a padded batch
-(input_ids, attention_mask) to that output, in torch or onnxruntime, so both share everything but the forward pass
-and their predictions can be compared. Which task it is only matters to the task class.
-"""
+"""Loading runs and exports, and the inference back ends shared by predict, evaluate, export and the benchmarks: a
+back end maps a padded batch (input_ids, attention_mask) to the task's output in torch or onnxruntime, so the two
+share everything but the forward pass and their predictions can be compared."""
 
 from __future__ import annotations
 
@@ -28,11 +24,9 @@ Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 @dataclass
 class Loaded:
-    task: type
-    """The task class (cmft.tasks): encoding, collating and decoding for this model."""
+    task: type  # the task class: encoding, collating and decoding for this model
     tokenizer: Any
-    meta: dict[str, Any]
-    """labels, threshold, icd settings, pooling, max_length, stride: everything decoding needs (the manifest)."""
+    meta: dict[str, Any]  # the manifest: labels, threshold, max_length, ...: everything decoding needs
     module: nn.Module | None = None
     recipe: Any = None
     run_dir: Path | None = None

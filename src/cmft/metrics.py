@@ -15,14 +15,6 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-__all__ = [
-    "DEFAULT_THRESHOLD_GRID",
-    "classification_metrics",
-    "multilabel_metrics",
-    "per_label_precision_recall",
-    "tune_threshold",
-]
-
 DEFAULT_THRESHOLD_GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
 
 

@@ -23,31 +23,21 @@ def read_inputs(path: Path, text_field: str = "text", id_field: str = "id") -> t
     of empty texts skipped."""
     if not path.is_file():
         raise CmftError(f"{path}: input file not found")
-    rows: list[tuple[str, str]] = []
-    empty = 0
+    records: list[tuple[str, str]] = []
     if path.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
         for number, record in iter_records(path, "jsonl"):
-            text = record.get(text_field)
-            if not isinstance(text, str):
+            if not isinstance(record.get(text_field), str):
                 raise CmftError(f"{path}: line {number}: needs a string field {text_field!r}")
-            identifier = str(record.get(id_field, number))
-            if text.strip():
-                rows.append((identifier, text))
-            else:
-                empty += 1
+            records.append((str(record.get(id_field, number)), record[text_field]))
     else:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            records = [(str(n), line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
         except UnicodeDecodeError:
             raise CmftError(f"{path}: not a UTF-8 text file") from None
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                rows.append((str(number), line))
-            else:
-                empty += 1
+    rows = [(identifier, text) for identifier, text in records if text.strip()]
     if not rows:
         raise CmftError(f"{path}: no non-empty input text")
-    return rows, empty
+    return rows, len(records) - len(rows)
 
 
 def predict(source: str | Path, input_path: str | Path, output: str | Path | None = None, onnx: bool = False,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from cmft.errors import CmftError
 
+# Words and punctuation marks as separate tokens, as NCBI-disease and BC5CDR are tokenised ("X-linked" is X, -,
+# linked): raw text is split this way for training on span files and for prediction alike.
 WORD = re.compile(r"\w+|[^\w\s]")
-"""Words and punctuation marks as separate tokens: how NCBI-disease and BC5CDR are tokenised ("X-linked" is X, -,
-linked). Raw text is split this way for training on span files and for prediction alike."""
 
 
 def word_spans(text: str) -> list[tuple[int, int]]:

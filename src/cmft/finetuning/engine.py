@@ -1,8 +1,5 @@
-"""The fine-tuning engine, the same for every task: encoder → task data → (LoRA) → the task's trainer → the best
-dev checkpoint → dev and test metrics through the shared evaluation loop → run folder.
-
-The task (cmft.tasks) supplies its data, model, trainer, scoring and saving; this file never asks which it is.
-"""
+"""The fine-tuning engine, the same for every task (cmft.tasks supplies data, model, trainer, scoring, saving):
+encoder → task data → (LoRA) → trainer → best dev checkpoint → dev and test metrics (cmft.evaluation) → run folder."""
 
 from __future__ import annotations
 
@@ -157,8 +154,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
         return finish_run(final)
     metrics = _final_metrics(task, model, recipe, tokenizer.pad_token_id or 0, report)
     task.save(model, tokenizer, work / "model")
-    split = metrics["split"]
-    task.save_extras(work / "model", metrics.pop("_outputs"), split, work / "plots")
+    task.save_extras(work / "model", metrics.pop("_outputs"), metrics["split"], work / "plots")
     (work / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2), encoding="utf-8")
     plot_history(read_history(work / "history.jsonl"), work / "plots" / "loss.png",
                  ("loss", "eval_loss", f"eval_{task.metric_for_best}", "lr"))  # fmt: skip

@@ -1,12 +1,5 @@
-"""The one interface every task implements, and the pieces most tasks share.
-
-A task owns everything that depends on what it predicts: reading its data, building its model and head, collating,
-its loss and metrics, saving and loading its model folder, and inference — the torch module that computes exactly
-what the ONNX graph computes, encoding raw texts into that module's inputs and decoding its outputs into the JSON of
-`cmft predict`. The engine, `cmft evaluate`, `cmft predict`, `cmft export` and the benchmarks only call this
-interface; they never ask which task they are running. Inference works from the saved manifest (`meta`: labels,
-threshold, max_length, ...), so an export folder needs no recipe.
-"""
+"""The one interface every task implements (`Task`), and the pieces most tasks share. A task owns all that depends
+on what it predicts; the engine, `cmft evaluate`, `cmft predict`, `cmft export` and the benchmarks only call it."""
 
 from __future__ import annotations
 
@@ -78,11 +71,11 @@ def load_pretrained(cls: Any, folder: Path, attention: str) -> nn.Module:
 
 
 class Task:
-    """The interface, with defaults for a transformers AutoModelFor<Task> head (`auto_class`); each task overrides
-    what it does differently. Training: `prepare` fills `datasets[split]` (rows with `input_ids`, and `labels` for the
-    trainer); `build_model`, `collator`, `loss`, `make_trainer` train; `score` turns the inference module's outputs
-    on a split into metrics; `save` writes model/. Inference, from the manifest alone: `load_inference`, `encode`,
-    `unit`, `collate`, `decode`."""
+    """Defaults for a transformers AutoModelFor<Task> head (`auto_class`); a task overrides what it does differently.
+    Training: `prepare` fills `datasets[split]` (rows with `input_ids`, and `labels` for the trainer); `build_model`,
+    `collator`, `loss`, `make_trainer` train; `score` turns the inference module's outputs on a split into metrics;
+    `save` writes model/. Inference, from the saved manifest (`meta`) alone, so an export folder needs no recipe:
+    `load_inference` (the torch module ONNX traces), `encode`, `unit`, `collate`, `decode` (the JSON of predict)."""
 
     name: ClassVar[str]  # the recipe's `task`
     metric_for_best: ClassVar[str]  # picks the best checkpoint, measures the int8 cost, ranks benchmarks
@@ -154,8 +147,8 @@ class Task:
             tokenizer.save_pretrained(adapter)
         return model.merge_and_unload()
 
-    def check_recipe(self) -> None:
-        """Refuse what this task cannot train (a CmftError), before anything heavy runs."""
+    def check_recipe(self) -> None:  # refuse what this task cannot train (a CmftError), before anything heavy
+        return None
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(len(self.datasets["train"]) / batch_size)
@@ -195,8 +188,7 @@ class Task:
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Take back what `checkpoint_state` kept."""
 
-    def counts(self, split: str) -> dict[str, int]:
-        """What metrics.json reports about the size of an evaluated split."""
+    def counts(self, split: str) -> dict[str, int]:  # what metrics.json says of an evaluated split's size
         return {"n_examples": len(self.datasets[split])}
 
     def restore(self, meta: dict[str, Any]) -> None:
@@ -210,8 +202,7 @@ class Task:
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         """Files besides the weights (labels.json) and the task's plots, from the final split's outputs."""
 
-    def summary(self) -> str:
-        """`cmft validate`'s line about the data."""
+    def summary(self) -> str:  # `cmft validate`'s line about the data
         sizes = ", ".join(f"{name} {len(rows)}" for name, rows in self.datasets.items())
         return f"{len(self.labels)} labels; examples: {sizes}"
 
@@ -226,8 +217,7 @@ class Task:
         return OutputModule(model).eval(), meta
 
     @classmethod
-    def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:
-        """A model input row from one text's token ids ([CLS] … [SEP])."""
+    def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:  # a row from one text's [CLS] … [SEP]
         return Unit(index, ids)
 
     @classmethod
@@ -240,10 +230,8 @@ class Task:
 
     @classmethod
     def collate(cls, units: list[Unit], pad_id: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """A padded batch: int64 input_ids and attention_mask."""
-        return pad_rows(units, pad_id)
+        return pad_rows(units, pad_id)  # a padded batch: int64 input_ids and attention_mask
 
     @classmethod
-    def input_shape(cls, meta: dict[str, Any]) -> str:
-        """The graph's input shape, for the export README."""
+    def input_shape(cls, meta: dict[str, Any]) -> str:  # the graph's input shape, for the export README
         return "[batch, sequence]"

@@ -151,8 +151,7 @@ def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -
 
 class IcdModule(nn.Module):
     """Probabilities of every code, with the exported signature. Chunked input [B, C, S] encodes every chunk (no
-    data-dependent skipping, so it traces) and zeroes the states of padding chunks, which the label attention masks
-    out anyway."""
+    data-dependent skipping, so it traces); the label attention masks the padding chunks."""
 
     def __init__(self, coder: nn.Module):
         super().__init__()
@@ -170,10 +169,6 @@ class IcdModule(nn.Module):
             states = torch.where(flat_mask[..., None].bool(), states, torch.zeros_like(states))
             states, mask = states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
         return torch.sigmoid(self.coder.head(states, mask))
-
-
-def chunked(meta: dict[str, Any]) -> bool:
-    return meta["icd"]["mode"] == "chunked"
 
 
 class IcdCodingTask(Task):
@@ -326,7 +321,7 @@ class IcdCodingTask(Task):
 
     @classmethod
     def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:
-        if not chunked(meta):
+        if meta["icd"]["mode"] != "chunked":
             return Unit(index, ids)
         size = meta["icd"]["chunk_size"]
         return Unit(index, [ids[start : start + size] for start in range(0, len(ids), size)])
@@ -343,7 +338,7 @@ class IcdCodingTask(Task):
     @classmethod
     def collate(cls, units: list[Unit], pad_id: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """[B, T], or [B, C, chunk_size] for chunked notes."""
-        if not chunked(meta):
+        if meta["icd"]["mode"] != "chunked":
             return pad_rows(units, pad_id)
         size = meta["icd"]["chunk_size"]
         chunks = max(len(u.input_ids) for u in units)
@@ -359,7 +354,7 @@ class IcdCodingTask(Task):
     def input_shape(cls, meta: dict[str, Any]) -> str:
         return (
             "[batch, sequence] ([batch, chunks, chunk_size] for chunked ICD notes)"
-            if chunked(meta)
+            if meta["icd"]["mode"] == "chunked"
             else super().input_shape(meta)
         )
 

@@ -1,11 +1,6 @@
-"""Bi-encoder retrieval: a shared encoder with mean (or CLS) pooling and L2 normalisation, in sentence-transformers.
-
-The model is a plain `SentenceTransformer` (Transformer → Pooling → Normalize), so `model/` loads with
-`SentenceTransformer(model/)` and its encoder with `AutoModel.from_pretrained(model/)`. It trains on
-sentence-transformers' trainer with in-batch negatives (MultipleNegativesRankingLoss or its cached/GradCache form),
-a no-duplicates batch sampler and optional hard negatives mined with the model itself; evaluation embeds a split's
-queries and its whole corpus through the shared evaluation loop and ranks by cosine similarity.
-"""
+"""Bi-encoder retrieval: a plain `SentenceTransformer` (Transformer → Pooling → Normalize; `model/` also loads with
+AutoModel) trained on sentence-transformers' trainer with in-batch negatives (MultipleNegativesRankingLoss or its
+cached form), a no-duplicates sampler and optional mined hard negatives; evaluation ranks each split's corpus."""
 
 from __future__ import annotations
 
@@ -99,8 +94,8 @@ class RetrievalTask(Task):
         return ", ".join(f"{n} {len(s.evaluated_queries)} queries / {len(s.corpus)} documents"
                          for n, s in self.splits.items())  # fmt: skip
 
-    def counts(self, split: str) -> dict[str, int]:
-        return {}  # score() reports n_queries and n_documents
+    def counts(self, split: str) -> dict[str, int]:  # score() reports n_queries and n_documents
+        return {}
 
     def batches_per_epoch(self, batch_size: int) -> int:
         from datasets import Dataset
