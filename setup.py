@@ -7,6 +7,7 @@ carries them and `cmft.paths` finds them with importlib. Metadata and dependenci
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -41,7 +42,14 @@ def _bundled() -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
 
 
 class BuildPy(build_py):
-    """Bundled folders ship their data files and package marker only; maintenance scripts (build_data.py) stay."""
+    """Bundled folders ship their data files and package marker only; maintenance scripts (build_data.py) stay.
+    Each build starts from an empty package folder: pip builds in-tree, and a module deleted from src/ would
+    otherwise linger in build/lib and ship in the next wheel."""
+
+    def run(self) -> None:
+        if not self.editable_mode:
+            shutil.rmtree(Path(self.build_lib) / "cmft", ignore_errors=True)
+        super().run()
 
     def find_package_modules(self, package: str, package_dir: str) -> list:
         modules = super().find_package_modules(package, package_dir)
