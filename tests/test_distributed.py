@@ -148,21 +148,36 @@ def test_fsdp_is_refused_on_cpu_and_wraps_layers_on_gpus(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("cuda", "flash_attn", "expected"),
-    [(True, True, "flash_attention_2"), (True, False, "sdpa"), (False, True, "sdpa"), (False, False, "sdpa")],
-)
-def test_auto_attention_picks_flash_attention_only_with_cuda_and_flash_attn(monkeypatch, cuda, flash_attn, expected):
+    ("cuda", "flash_attn", "capability", "model_type", "expected"),
+    [(True, True, 8, "modernbert", "flash_attention_2"), (True, True, 7, "modernbert", "banded"),
+     (True, False, 9, "modernbert", "banded"), (False, True, 8, "modernbert", "banded"),
+     (False, False, 8, "modernbert", "banded"), (True, True, 8, "bert", "sdpa"), (False, False, 8, "bert", "sdpa")],
+)  # fmt: skip
+def test_auto_attention_rule(monkeypatch, cuda, flash_attn, capability, model_type, expected):
+    """flash-attention 2 only with flash-attn on an Ampere-or-newer GPU (a T4 is 7.5, a V100 7.0); banded for
+    ModernBERT everywhere else, training or not; sdpa for encoders without local layers. The reason is given."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (capability, 0))
     real_find_spec = modeling.importlib.util.find_spec
     monkeypatch.setattr(
         modeling.importlib.util, "find_spec", lambda name: object() if flash_attn and name == "flash_attn" else (
             None if name == "flash_attn" else real_find_spec(name))
     )  # fmt: skip
-    assert modeling.resolve_attention("auto") == expected
-    assert modeling.resolve_attention("sdpa") == "sdpa"
-    if expected == "sdpa":
-        with pytest.raises(CmftError, match="flash_attention_2 needs a CUDA GPU"):
-            modeling.resolve_attention("flash_attention_2")
+    for training in (True, False):
+        chosen = modeling.choose_attention("auto", model_type, training)
+        assert chosen.choice == expected and chosen.reason
+        assert chosen.implementation == {"banded": "cmft_banded"}.get(expected, expected)
+    assert modeling.choose_attention("sdpa", model_type, True).implementation == "sdpa"
+    if not (cuda and flash_attn and capability >= 8):
+        with pytest.raises(CmftError, match="flash_attention_2 needs flash-attn"):
+            modeling.choose_attention("flash_attention_2", model_type, True)
+    if model_type == "bert":
+        with pytest.raises(CmftError, match="banded is for ModernBERT"):
+            modeling.choose_attention("banded", model_type, True)
+    if not cuda:
+        with pytest.raises(CmftError, match="no backward pass on CPU"):
+            modeling.choose_attention("flex_attention", model_type, True)
+        assert modeling.choose_attention("flex_attention", model_type, False).implementation == "flex_attention"
 
 
 def test_bf16_auto_follows_the_gpu(monkeypatch):
@@ -187,6 +202,8 @@ def test_packed_batches_use_cu_seq_lens_under_flash_attention():
     assert flash["input_ids"].shape == (1, 12) and "attention_mask" not in flash
     sdpa = model_inputs(batch, "sdpa", 128)
     assert set(sdpa["attention_mask"]) == {"full_attention", "sliding_attention"} and "cu_seq_lens_q" not in sdpa
+    banded = model_inputs(batch, "cmft_banded", 128)["attention_mask"]
+    assert banded["sliding_attention"].tolist() == [[0] * 5 + [1] * 3, [0] * 4 + [-1] * 4]  # one index per token
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer
 
+from cmft import memory
 from cmft.data.retrieval import read_retrieval_split
 from cmft.errors import CmftError
 from cmft.evaluation import evaluate, evaluate_run
@@ -21,7 +22,7 @@ from cmft.finetuning.config import DataConfig, RecipeConfig, RetrievalConfig
 from cmft.finetuning.run import finetune
 from cmft.inference import TorchBackend
 from cmft.metrics import retrieval_metrics
-from cmft.tasks import get_task, retrieval
+from cmft.tasks import get_task
 from tests.conftest import REPO, run_cmft
 
 MTS = REPO / "data" / "mts_dialog"
@@ -295,10 +296,11 @@ def test_in_batch_loss_that_would_not_fit_becomes_cached():
 
 
 def test_processes_on_one_machine_share_its_free_memory(monkeypatch):
-    from cmft.tasks.retrieval import fit_loss, memory_share
+    from cmft.memory import memory_share
+    from cmft.tasks.retrieval import fit_loss
 
     gib = 2**30
-    monkeypatch.setattr(retrieval, "available_memory", lambda: 22 * gib)
+    monkeypatch.setattr(memory, "available_memory", lambda: 22 * gib)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert memory_share() == 22 * gib
     # MiniLM at 256 tokens: 32 rows × 2 texts × 0.1 GiB fit one process, not each of 4 torchrun processes
@@ -355,7 +357,7 @@ def test_run_switches_to_cached_when_memory_is_short(tiny_encoder, tmp_path, mon
             super().__init__(model, **kwargs)
 
     monkeypatch.setattr(losses, "CachedMultipleNegativesRankingLoss", Spy)
-    monkeypatch.setattr(retrieval, "available_memory", lambda: 1)  # 1 byte: one text per mini-batch
+    monkeypatch.setattr(memory, "available_memory", lambda: 1)  # 1 byte: one text per mini-batch
     train = _mts_subset(tmp_path / "train.csv", 32)
     run = finetune("retrieval", [f"model.encoder={tiny_encoder}", *QUICK, "training.max_steps=2",
                                  f"data.train={train}", "data.dev=null", "data.test=null"],

@@ -2,11 +2,11 @@
 
 The graph is `torch.onnx.export` of the run's inference module (cmft.inference) traced on CPU (never
 flash-attention) with dynamic batch and sequence axes. ModernBERT encoders are traced with cmft's banded attention
-(cmft.onnx_attention: local layers compute only their ±window band, exactly), other encoders with eager attention
+(cmft.attention: local layers compute only their ±window band, exactly), other encoders with eager attention
 (sdpa exports with NaN guards that cost onnxruntime 1.5x on long notes). Parity is checked against the PyTorch
-sdpa model that `cmft predict` runs. The folder
-holds model.onnx (+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling,
-max_length), README.md and parity.json.
+model that `cmft predict` runs (banded attention for ModernBERT, sdpa for others). The folder holds model.onnx
+(+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling, max_length), README.md
+and parity.json.
 """
 
 from __future__ import annotations
@@ -114,9 +114,10 @@ def traced_attention(run_dir: Path) -> str:
     except (OSError, ValueError):
         model_type = None  # load_run names the problem
     if model_type == "modernbert":
-        from cmft.onnx_attention import register
+        from cmft.attention import EXPORT_IMPLEMENTATION, register
 
-        return register()
+        register()
+        return EXPORT_IMPLEMENTATION
     return "eager"
 
 
@@ -137,7 +138,7 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
     report: dict[str, Any] = {"task": task.name, "provider": backend.provider, "tolerance": config.tolerance,
                               "export_seconds": round(time.monotonic() - started, 1), "traced_attention": attention,
                               "reference": "pytorch sdpa"}  # fmt: skip
-    reference = load_run(run_dir)  # parity against what `cmft predict` runs in PyTorch (sdpa)
+    reference = load_run(run_dir)  # parity against what `cmft predict` runs in PyTorch
     per_length = _parity(reference, backend, config)
     report |= {"max_abs_diff": max(per_length.values()), "per_length": per_length}
     report["passed"] = report["max_abs_diff"] <= config.tolerance

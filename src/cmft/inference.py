@@ -50,10 +50,11 @@ def run_kind(run_dir: Path) -> str:
     return "pretrain"
 
 
-def load_run(run_dir: str | Path, attention: str = "sdpa") -> Loaded:
+def load_run(run_dir: str | Path, attention: str | None = None) -> Loaded:
     """The torch inference module of a finished fine-tuning or pretraining run, on CPU in eval mode.
 
-    `attention` other than sdpa is for tracing to ONNX (see cmft.export)."""
+    `attention`: None picks by cmft.modeling.choose_attention's rule (banded for ModernBERT: exact, and long notes
+    cost O(length × window)); cmft.export passes the form it traces."""
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
@@ -72,6 +73,10 @@ def load_run(run_dir: str | Path, attention: str = "sdpa") -> Loaded:
 
         recipe = build_config(RecipeConfig, read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
     task = task_class(recipe.task if recipe is not None else BARE_ENCODER)
+    if attention is None:
+        from cmft.modeling import choose_attention, model_type_of
+
+        attention = choose_attention("auto", model_type_of(str(model_dir)), training=False).implementation
     module, meta = task.load_inference(model_dir, recipe, attention)
     return Loaded(task, tokenizer, meta, module, recipe=recipe, run_dir=run_dir)
 

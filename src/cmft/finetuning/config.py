@@ -18,7 +18,9 @@ TASKS = tuple(TASK_SECTIONS)
 class EncoderConfig(StrictModel):
     encoder: str = "latest"
     """`latest` (the newest `cmft pretrain` run), a local model folder, or a hub id."""
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attention: Literal["auto", "banded", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """`auto`: flash_attention_2 on an Ampere-or-newer GPU with flash-attn, else `banded` for ModernBERT (exact; local
+    layers cost O(length × window)), else sdpa. recipe.yaml records what `auto` chose."""
     trust_remote_code: bool = False
 
 
@@ -72,6 +74,9 @@ class TrainingConfig(StrictModel):
     save_total_limit: PositiveInt = 2
     divergence_factor: PositiveFloat | None = 10.0
     """Stop when the smoothed loss exceeds this many times its lowest (NaN/inf always stops); null: off."""
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
+    """Recompute each layer in the backward pass: far less activation memory for about a third more time. `auto`:
+    on when a micro-batch's activations at max_length would take more than half the free memory."""
     bf16: Literal["auto", True, False] = "auto"
     threads: PositiveInt | None = None
     distributed: Literal["ddp", "fsdp"] = "ddp"

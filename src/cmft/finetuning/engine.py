@@ -19,7 +19,8 @@ from cmft.errors import CmftError
 from cmft.evaluation import evaluate, split_outputs
 from cmft.finetuning.config import RecipeConfig, step_schedule
 from cmft.inference import TorchBackend
-from cmft.modeling import check_model_source, hub_error, resolve_attention
+from cmft.memory import choose_checkpointing, enable_checkpointing
+from cmft.modeling import check_model_source, choose_attention, hub_error, model_type_of
 from cmft.runs import finish_run
 from cmft.tasks import get_task, task_class
 from cmft.training import (
@@ -133,11 +134,16 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     set_seed(recipe.seed)
     started = time.monotonic()
     encoder = resolve_encoder(recipe.model.encoder)
-    attention = resolve_attention(recipe.model.attention)
+    chosen = choose_attention(recipe.model.attention, model_type_of(encoder, recipe.model.trust_remote_code), True)
+    log.info("model.attention: %s → %s (%s)", recipe.model.attention, chosen.choice, chosen.reason)
+    recipe.model.attention = chosen.choice  # recipe.yaml records the choice
     check_encoder(recipe, encoder, task)
     tokenizer = load_tokenizer(encoder, recipe.model.trust_remote_code)
     task.prepare(tokenizer)
-    model = task.build_model(encoder, attention, recipe.model.trust_remote_code)
+    model = task.build_model(encoder, chosen.implementation, recipe.model.trust_remote_code)
+    _set_checkpointing(recipe, task, model, chosen.implementation)
+    if distributed.is_main():
+        dump_config(recipe, work / "recipe.yaml")  # as resolved: attention and checkpointing
     heads = task.head_modules(model)
     if recipe.tuning.method == "lora":
         model = task.wrap_lora(model, recipe.tuning, heads)
@@ -161,6 +167,18 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     shown = [f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("dev_")]
     log.info("finetune %s: %s", recipe.task, ", ".join(shown)[:400])
     return finish_run(final)
+
+
+def _set_checkpointing(recipe: RecipeConfig, task: Any, model: Any, implementation: str) -> None:
+    """Resolve training.gradient_checkpointing for one training forward pass of the task, and switch it on."""
+    t = recipe.training
+    rows = distributed.split_batch(t.batch_size, t.gradient_accumulation).per_device
+    config = task.encoder_config(model)
+    t.gradient_checkpointing = choose_checkpointing(t.gradient_checkpointing, config, [task.pass_shape(rows)],
+                                                    implementation)  # fmt: skip
+    if t.gradient_checkpointing and not enable_checkpointing(model):
+        raise CmftError(f"training.gradient_checkpointing: this encoder ({config.model_type}) does not support it; "
+                        "set it to false")  # fmt: skip
 
 
 def _trained_model(trainer: Any, task: Any, recipe: RecipeConfig, tokenizer: Any, work: Path) -> Any:

@@ -35,7 +35,9 @@ class ArchitectureConfig(StrictModel):
 class ModelConfig(StrictModel):
     init_from: str | None = None
     """A local model folder or a hub id to continue from; null builds a new model from `architecture`."""
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attention: Literal["auto", "banded", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """`auto`: flash_attention_2 on an Ampere-or-newer GPU with flash-attn, else `banded` for ModernBERT (exact; local
+    layers cost O(length × window)), else sdpa. recipe.yaml records what `auto` chose."""
     architecture: ArchitectureConfig = ArchitectureConfig()
 
 
@@ -133,6 +135,9 @@ class TrainingConfig(StrictModel):
     save_total_limit: PositiveInt = 2
     divergence_factor: PositiveFloat | None = 10.0
     """Stop when the smoothed loss exceeds this many times its lowest (NaN/inf always stops); null: off."""
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
+    """Recompute each layer in the backward pass: far less activation memory for about a third more time. `auto`:
+    on when a micro-batch's activations at max_length would take more than half the free memory."""
     bf16: Literal["auto", True, False] = "auto"
     threads: PositiveInt | None = None
     distributed: Literal["ddp", "fsdp"] = "ddp"

@@ -23,7 +23,8 @@ from cmft import distributed
 from cmft.checkpointing import resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
-from cmft.modeling import check_model_source, hub_error, resolve_attention
+from cmft.memory import choose_checkpointing, enable_checkpointing
+from cmft.modeling import check_model_source, choose_attention, hub_error, model_type_of
 from cmft.pretraining.config import ArchitectureConfig, PretrainConfig
 from cmft.pretraining.corpus import Corpus
 from cmft.pretraining.evaluate import masked_token_accuracy
@@ -113,7 +114,10 @@ def _set_sparse_prediction(model: PreTrainedModel, enabled: bool) -> None:
 
 
 def _setup(config: PretrainConfig, corpus: Corpus, lexicon: Lexicon, work: Path, resume: bool) -> Setup:
-    attention = resolve_attention(config.model.attention)
+    model_type = "modernbert" if config.model.init_from is None else model_type_of(config.model.init_from)
+    chosen = choose_attention(config.model.attention, model_type, training=True)
+    log.info("model.attention: %s → %s (%s)", config.model.attention, chosen.choice, chosen.reason)
+    config.model.attention, attention = chosen.choice, chosen.implementation  # recipe.yaml records the choice
     tokenizer_dir = work / "tokenizer"
     if config.model.init_from is None:
         trains = distributed.is_main() and not (resume and tokenizer_dir.is_dir())
@@ -278,6 +282,8 @@ def _long_context(
         },
     )
     _set_sparse_prediction(setup.model, True)
+    if config.training.gradient_checkpointing:
+        enable_checkpointing(setup.model)
     distributed.barrier()
     if distributed.is_main():
         shutil.rmtree(staged)
@@ -311,6 +317,9 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
     lexicon = Lexicon.from_files(config.masking.lexicon)
     corpus = read_corpus(config)  # streaming: the head of the stream, for the tokenizer
     setup = _setup(config, corpus, lexicon, work, resume)
+    _set_checkpointing(config, setup)
+    if distributed.is_main():
+        dump_config(config, work / "recipe.yaml")  # as resolved: attention and checkpointing
     max_length = config.training.max_length
     data = training_data(config, corpus, setup.tokenizer, lexicon, max_length)
     train, corpus, max_steps = data.rows, data.corpus, data.max_steps
@@ -343,6 +352,19 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
     if distributed.is_main():
         _evaluate_and_save(config, setup, heldout, len(corpus.heldout), work, summary, started)
     return finish_run(final)
+
+
+def _set_checkpointing(config: PretrainConfig, setup: Setup) -> None:
+    """Resolve training.gradient_checkpointing for the largest micro-batch of either stage, and switch it on."""
+    t = config.training
+    shapes = [(distributed.split_batch(t.batch_size, t.gradient_accumulation).per_device, t.max_length)]
+    if config.long_context is not None:
+        shapes.append((max(1, config.long_context.batch_size // distributed.world_size()),
+                       config.long_context.max_length))  # fmt: skip
+    t.gradient_checkpointing = choose_checkpointing(t.gradient_checkpointing, setup.model.config, shapes,
+                                                    setup.attention)  # fmt: skip
+    if t.gradient_checkpointing:
+        enable_checkpointing(setup.model)
 
 
 def _evaluate_and_save(

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from cmft.attention import IMPLEMENTATION, segment_masks
 from cmft.pretraining.lexicon import Lexicon
 
 
@@ -210,5 +211,8 @@ def model_inputs(batch: dict[str, torch.Tensor], attention: str, local_attention
     if attention == "flash_attention_2":
         return flash_attention_inputs(batch)
     inputs = {key: batch[key] for key in ("input_ids", "position_ids", "labels") if key in batch}
-    inputs["attention_mask"] = document_attention(batch["document"], batch["position_ids"], local_attention)
+    if attention == IMPLEMENTATION:  # banded: the document index per token, no [L × L] masks
+        inputs["attention_mask"] = segment_masks(batch["document"])
+    else:
+        inputs["attention_mask"] = document_attention(batch["document"], batch["position_ids"], local_attention)
     return inputs

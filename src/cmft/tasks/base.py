@@ -125,6 +125,17 @@ class Task:
         """The longest token sequence one forward pass gets, and the recipe key that sets it."""
         return self.recipe.training.max_length, "training.max_length"
 
+    def pass_shape(self, rows: int) -> tuple[int, int]:
+        """(sequences, tokens each) that one training forward pass over `rows` examples encodes at most: what the
+        activation memory (cmft.memory) scales with."""
+        return rows, self.tokens_per_pass()[0]
+
+    def encoder_config(self, model: nn.Module) -> Any:
+        """The transformers config of the encoder inside the task's model (its geometry)."""
+        from transformers import PreTrainedModel
+
+        return next(m for m in model.modules() if isinstance(m, PreTrainedModel)).config
+
     def position_way_out(self, limit: int) -> str:
         """Besides a shorter max_length, how a text longer than an absolute position table can still be read."""
         return ""

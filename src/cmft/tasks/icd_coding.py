@@ -204,6 +204,11 @@ class IcdCodingTask(Task):
             return self.options.chunk_size, "icd_coding.chunk_size"
         return super().tokens_per_pass()
 
+    def pass_shape(self, rows: int) -> tuple[int, int]:
+        if self.options.mode == "chunked":
+            return rows * self.options.max_chunks, self.options.chunk_size
+        return super().pass_shape(rows)
+
     def position_way_out(self, limit: int) -> str:
         if self.options.mode == "chunked":
             return ""

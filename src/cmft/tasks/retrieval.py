@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmft import distributed
+from cmft import distributed, memory
 from cmft.data.retrieval import RetrievalSplit, read_retrieval_split
 from cmft.errors import CmftError
 from cmft.metrics import rank, retrieval_metrics
@@ -173,6 +173,12 @@ class RetrievalTask(Task):
         sampler = GroupedNoDuplicatesBatchSampler if self.settings.group_by_length else BatchSamplers.NO_DUPLICATES
         return SentenceTransformerTrainingArguments, {"batch_sampler": sampler}
 
+    def pass_shape(self, rows: int) -> tuple[int, int]:
+        texts = rows * (2 + self.settings.hard_negatives)  # query, positive, negatives
+        if self.settings.loss == "cached":
+            texts = min(texts, self.settings.mini_batch_size)
+        return texts, self.recipe.training.max_length
+
     def make_trainer(self, model: nn.Module, args: Any, callbacks: list, tokenizer: Any, heads: list[str]) -> Any:
         from datasets import Dataset
 
@@ -211,7 +217,7 @@ class RetrievalTask(Task):
             per_text = activation_bytes(model[0].model.config, self.recipe.training.max_length)
             # rank 0 decides for all: processes must agree on the loss (they gather each other's embeddings)
             kind, mini_batch, why = distributed.agree(lambda: fit_loss(
-                kind, mini_batch, per_device, texts_per_row, per_text, memory_share()))  # fmt: skip
+                kind, mini_batch, per_device, texts_per_row, per_text, memory.memory_share()))  # fmt: skip
             if why:
                 log.warning(why)
                 self.report["loss"] = f"cached (chosen for memory), mini_batch_size {mini_batch}"
@@ -325,18 +331,6 @@ def activation_bytes(config, length: int) -> int:
     about 0.3 for ModernBERT (no attention dropout: no kept scores); the test suite checks it stays on the safe side."""
     layers, heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
     return layers * (12 * heads * length * length + 128 * hidden * length)
-
-
-def available_memory() -> int:
-    """Free memory on this machine, in bytes (psutil comes with accelerate)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def memory_share() -> int:
-    """This process's share of the free memory: torchrun's processes on one machine train side by side."""
-    return available_memory() // distributed.local_world_size()
 
 
 def fit_loss(loss: str, mini_batch: int, batch: int, texts_per_row: int, per_text: int, available: int

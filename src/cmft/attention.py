@@ -1,0 +1,181 @@
+"""cmft's banded attention: exact ModernBERT attention whose local layers cost O(length × window), not O(length²).
+
+ModernBERT's local layers (two of every three) attend only within ±`sliding_window` tokens (64 for its 128-token
+window), but transformers' sdpa and eager paths give them the full [length × length] score matrix and mask most
+of it away; only flash-attention 2 (CUDA, Ampere or newer) skips it. Here a local layer works on blocks of
+`window` queries, each against its own and its two neighbouring key blocks: a [3 × window] band per query, with
+the same rule (|i − j| ≤ window, same document, no padded keys), so the result equals sdpa's up to float
+summation order — for training (autograd runs through it) and inference, on CPU and any GPU, with padding and
+with packed documents. Global layers attend to every key of their document.
+
+The mask each layer receives is either the plain 2D padding mask (bool [batch, length], what the registered mask
+function hands through) or, for packed rows, the per-token document index (int64 [batch, length], −1 on padding)
+that `segment_masks` builds. Two forms are registered with transformers:
+- `IMPLEMENTATION` (training and torch inference): blocks through torch's scaled_dot_product_attention, whose
+  fused CPU kernel keeps no score matrix for the backward pass; sequences within three blocks use one masked call.
+- `EXPORT_IMPLEMENTATION` (what `cmft export` traces): plain matmul/softmax with additive biases, one graph for
+  every length, no shape-dependent branch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IMPLEMENTATION = "cmft_banded"
+EXPORT_IMPLEMENTATION = "cmft_banded_export"
+OUTSIDE = -2
+"""The segment of positions beyond the sequence (block padding): equal to no real or padded token."""
+
+
+def padding_mask(*, batch_size: int, kv_length: int, attention_mask: torch.Tensor | None = None, device=None,
+                 **kwargs) -> torch.Tensor:  # fmt: skip
+    """The mask interface: hand the 2D key padding mask through (the attention applies the window itself)."""
+    if attention_mask is None:
+        return torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    return attention_mask.to(torch.bool)
+
+
+def segment_masks(document: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ModernBERT's per-layer-type masks for packed rows under banded attention: the document index of each token
+    (−1 on padding), O(length) instead of the [length × length] masks sdpa needs."""
+    return {"full_attention": document, "sliding_attention": document}
+
+
+def _segments(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.zeros(batch, length, dtype=torch.long, device=device)
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, 0, -1).long()
+    return attention_mask.long()
+
+
+def banded_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query, key, value: [batch, heads, length, head_dim]; attention_mask: bool padding mask or int64 segments
+    [batch, length]. Returns [batch, length, heads, head_dim] like transformers' attention functions."""
+    batch, _, length, _ = query.shape
+    local = getattr(module, "sliding_window", None) is not None
+    window = module.config.sliding_window  # attend iff |i - j| <= window
+    if local and length > 3 * window:
+        segments = _segments(attention_mask, batch, length, query.device)
+        output = _banded_sdpa(query, key, value, segments, scaling, window, dropout)
+    else:  # one masked call: the band would not be smaller than the sequence
+        mask = _dense_mask(attention_mask, length, window if local else None)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _dense_mask(attention_mask: torch.Tensor | None, length: int, window: int | None) -> torch.Tensor | None:
+    """A bool mask broadcastable to [batch, heads, length, length]; None when every key is visible. Local layers
+    and packed rows keep keys of the query's own segment (padding sees padding: no row is empty, no NaN)."""
+    packed = attention_mask is not None and attention_mask.dtype != torch.bool
+    if window is None and not packed:
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        return attention_mask[:, None, None, :]
+    mask = None
+    if attention_mask is not None and (packed or not bool(attention_mask.all())):
+        segments = _segments(attention_mask, 0, length, None)
+        mask = segments[:, None, :, None] == segments[:, None, None, :]
+    if window is not None and length > window + 1:
+        position = torch.arange(length, device=attention_mask.device if attention_mask is not None else None)
+        near = (position[:, None] - position[None, :]).abs() <= window
+        mask = near if mask is None else mask & near
+    return mask
+
+
+def _bands(tensor: torch.Tensor, block: int, pad: int, fill: float | int = 0) -> torch.Tensor:
+    """[..., length(, dim)] → [..., blocks, 3·block(, dim)]: each block's keys with its two neighbours'."""
+    matrix = tensor.dim() == 4
+    padded = F.pad(tensor, (0, 0, block, pad + block) if matrix else (block, pad + block), value=fill)
+    blocks = padded.shape[-2 if matrix else -1] // block
+    shaped = padded.reshape(*tensor.shape[: -2 if matrix else -1], blocks, block, *tensor.shape[-1:] if matrix else ())
+    axis = -3 if matrix else -2
+    parts = [shaped.narrow(axis, start, blocks - 2) for start in range(3)]
+    return torch.cat(parts, dim=axis + 1)
+
+
+def _banded_sdpa(query, key, value, segments: torch.Tensor, scaling: float, window: int, dropout: float):
+    batch, heads, length, dim = query.shape
+    block = window
+    blocks = (length + block - 1) // block
+    pad = blocks * block - length
+    q = F.pad(query, (0, 0, 0, pad)).reshape(batch, heads * blocks, block, dim)
+    k = _bands(key, block, pad).reshape(batch, heads * blocks, 3 * block, dim)
+    v = _bands(value, block, pad).reshape(batch, heads * blocks, 3 * block, dim)
+    query_segment = F.pad(segments, (0, pad), value=OUTSIDE).reshape(batch, blocks, block, 1)
+    key_segment = _bands(segments, block, pad, fill=OUTSIDE)[:, :, None, :]  # [batch, blocks, 1, 3·block]
+    # query r of a block sits at offset block + r of its key band
+    offset = torch.arange(3 * block, device=query.device)[None, :] - torch.arange(block, device=query.device)[:, None]
+    allowed = ((offset - block).abs() <= window) & (query_segment == key_segment)  # [batch, blocks, block, 3·block]
+    allowed = allowed[:, None].expand(batch, heads, blocks, block, 3 * block).reshape(batch, heads * blocks, block, -1)
+    output = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    return output.reshape(batch, heads, blocks * block, dim)[:, :, :length]
+
+
+def export_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The traced form (padding masks only): no branch on the length, so one graph serves every length."""
+    batch, _, length, _ = query.shape
+    valid = attention_mask if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool)
+    negative = torch.finfo(torch.float32).min
+    if getattr(module, "sliding_window", None) is None:
+        bias = torch.where(valid[:, None, :, None], 0.0, negative).to(query.dtype).expand(-1, key.shape[1], -1, -1)
+        # the scale goes on the queries and the padding bias rides along as one more key feature: no pass over the
+        # [sequence × keys] scores besides the softmax
+        q = torch.cat([query * scaling, torch.ones_like(query[..., :1])], dim=-1)
+        k = torch.cat([key, bias], dim=-1)
+        scores = torch.matmul(q, k.transpose(2, 3))
+        probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
+    output = _banded_matmul(query, key, value, valid, scaling, module.config.sliding_window, negative)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _banded_matmul(query, key, value, valid, scaling: float, window: int, negative: float) -> torch.Tensor:
+    batch, heads, length, dim = query.shape
+    block = window
+    blocks = (length + block - 1) // block
+    pad = blocks * block - length
+    q = F.pad(query, (0, 0, 0, pad)).reshape(batch, heads, blocks, block, dim)
+    k, v = _bands(key, block, pad), _bands(value, block, pad)  # [batch, heads, blocks, 3·block, dim]
+    keep = _bands(valid, block, pad, fill=False)  # [batch, blocks, 3·block]
+    rows = torch.arange(block).unsqueeze(1) + block
+    columns = torch.arange(3 * block).unsqueeze(0)
+    band = (columns - rows).abs() <= window  # [block, 3·block], the same for every block
+    allowed = band[None, None, None] & keep[:, None, :, None, :]
+    bias = torch.where(allowed, 0.0, negative).to(query.dtype)
+    scores = torch.matmul(q * scaling, k.transpose(-1, -2)) + bias
+    probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(probabilities, v).reshape(batch, heads, blocks * block, dim)
+    return output[:, :, :length]
+
+
+def register() -> str:
+    """Register both forms with transformers (idempotent) and return the training/inference one's name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, banded_attention)
+    AttentionInterface.register(EXPORT_IMPLEMENTATION, export_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, padding_mask)
+    AttentionMaskInterface.register(EXPORT_IMPLEMENTATION, padding_mask)
+    return IMPLEMENTATION
