@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 IMPLEMENTATION = "cmft_banded"
 EXPORT_IMPLEMENTATION = "cmft_banded_export"
@@ -68,7 +69,13 @@ def banded_attention(
     window = module.config.sliding_window  # attend iff |i - j| <= window
     if local and length > 3 * window:
         segments = _segments(attention_mask, batch, length, query.device)
-        output = _banded_sdpa(query, key, value, segments, scaling, window, dropout)
+        if torch.is_grad_enabled() and query.requires_grad:
+            # keep only query, key and value for the backward pass and rebuild the bands there: the bands (3× the
+            # keys and values) and their mask are not stored per layer, so training keeps less than sdpa does
+            output = checkpoint(_banded_sdpa, query, key, value, segments, scaling, window, dropout,
+                                use_reentrant=False)  # fmt: skip
+        else:
+            output = _banded_sdpa(query, key, value, segments, scaling, window, dropout)
     else:  # one masked call: the band would not be smaller than the sequence
         mask = _dense_mask(attention_mask, length, window if local else None)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)

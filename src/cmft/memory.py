@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 from cmft import distributed
-from cmft.attention import IMPLEMENTATION
 
 log = logging.getLogger("cmft")
 
 KEPT_PER_TOKEN_AND_LAYER = (14, 6, 256)
 """Floats autograd keeps per token and layer: 14 × hidden + 6 × intermediate + 256. Measured with saved-tensor hooks
-on ModernBERT (intermediate 1.5 × hidden): 26.6 × hidden at hidden 64, 20.7 at 256, 20.5 at 768 (tests check the
-estimate stays above what is kept and within 2× of it)."""
+on ModernBERT (intermediate 1.5 × hidden): banded 16.5 × hidden at hidden 768 and 17.8 at 64, sdpa 17.4-18.2 at 768
+(tests check the estimate stays above what is kept and within 2× of it)."""
 
 
 def available_memory() -> int:
@@ -36,29 +35,20 @@ def memory_share() -> int:
 
 def activation_bytes(config: Any, rows: int, length: int, implementation: str, checkpointing: bool) -> int:
     """What autograd keeps for one micro-batch of `rows` × `length` tokens (fp32). Checkpointing keeps each layer's
-    input and recomputes one layer at a time. sdpa adds its [length × length] masks, eager its score matrices; the
-    banded and flash paths keep O(length) per layer."""
+    input and recomputes one layer at a time. sdpa adds its two [length × length] masks, eager its score matrices
+    in every layer; the banded and flash paths keep O(length) per layer."""
     layers, hidden = config.num_hidden_layers, config.hidden_size
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     per_hidden, per_intermediate, per_token = KEPT_PER_TOKEN_AND_LAYER
     per_layer = per_hidden * hidden + per_intermediate * intermediate + per_token
     tokens = rows * length
     floats = (layers * hidden + per_layer) * tokens if checkpointing else layers * per_layer * tokens
-    quadratic = 0
+    quadratic = 0  # bytes
     if implementation == "sdpa":
-        quadratic = 3 * rows * length * length  # bool masks and what the fused kernel keeps beside them
+        quadratic = 2 * rows * length * length  # its two bool masks, one per layer type, shared by the layers
     elif implementation == "eager":
-        quadratic = 8 * rows * config.num_attention_heads * length * length  # probabilities and their dropout
-    elif implementation == IMPLEMENTATION:  # the band's bool mask per head: 3 × window keys per query
-        floats += (
-            (1 if checkpointing else layers)
-            * tokens
-            * config.num_attention_heads
-            * 3
-            * (getattr(config, "local_attention", 128) // 2)
-            // 4
-        )
-    return 4 * floats + quadratic * (1 if checkpointing else layers)
+        quadratic = (1 if checkpointing else layers) * 8 * rows * config.num_attention_heads * length * length
+    return 4 * floats + quadratic
 
 
 def choose_checkpointing(setting: bool | str, config: Any, shapes: list[tuple[int, int]], implementation: str,
