@@ -1,5 +1,6 @@
 """Crash and resume with real processes: SIGKILL at a random step (and in the middle of a checkpoint write),
-`--resume`, and bitwise the same weights and metrics as an uninterrupted run; the loss watchdog."""
+`--resume`, and bitwise the same weights and metrics as an uninterrupted run (fine-tuning with gradient
+checkpointing); the loss watchdog."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from tests.conftest import REPO, SMALL_PRETRAIN, run_cmft
 TIMING = ("seconds", "_per_s", "wall")
 PRETRAIN_STEPS = {"training": {"max_steps": 10, "save_every": 2, "log_every": 1, "save_total_limit": 2}}
 FINETUNE = ["training.max_steps=10", "training.eval_every=2", "training.log_every=1", "training.max_length=128",
-            "training.eval_batch_size=64"]  # fmt: skip
+            "training.eval_batch_size=64", "training.gradient_checkpointing=true"]  # fmt: skip
+"""Fine-tuning resumes with gradient checkpointing on (pretraining's crash tests run with it off)."""
 
 
 def _config(tmp_path: Path) -> Path:
@@ -142,6 +144,7 @@ def test_sigkill_during_finetuning_then_resume_is_bitwise_identical(tiny_encoder
 
     args = ["note_classification", f"model.encoder={tiny_encoder}", *FINETUNE]
     reference = finetune(args[0], args[1:], output_dir=tmp_path / "reference")
+    assert yaml.safe_load((reference / "recipe.yaml").read_text())["training"]["gradient_checkpointing"] is True
     step = kill_step(2, 7)
     out = tmp_path / "killed"
     partial = out.with_name("killed.partial")

@@ -95,10 +95,11 @@ def test_auto_checkpointing_follows_the_free_memory(monkeypatch):
     assert activation_bytes(config, 1, 8192, "sdpa", False) == need + 2 * 8192**2  # its two [L × L] bool masks
     assert activation_bytes(config, 1, 8192, "eager", False) > 2 * need  # a score matrix in every layer
     monkeypatch.setattr(memory, "available_memory", lambda: 20 * gib)
-    assert choose_checkpointing("auto", config, [(8, 512), (1, 8192)], IMPLEMENTATION) is True
-    assert choose_checkpointing("auto", config, [(8, 512)], IMPLEMENTATION) is False
-    assert choose_checkpointing(False, config, [(1, 8192)], IMPLEMENTATION) is False  # an explicit value stands
-    assert choose_checkpointing(True, config, [(1, 16)], IMPLEMENTATION) is True
+    chosen, why = choose_checkpointing("auto", config, [(8, 512), (1, 8192)], IMPLEMENTATION)
+    assert chosen is True and "1 × 8192 micro-batch ≈ 12" in why and "20.0 GiB free" in why
+    assert choose_checkpointing("auto", config, [(8, 512)], IMPLEMENTATION)[0] is False
+    assert choose_checkpointing(False, config, [(1, 8192)], IMPLEMENTATION)[0] is False  # an explicit value stands
+    assert choose_checkpointing(True, config, [(1, 16)], IMPLEMENTATION)[0] is True
 
 
 @pytest.mark.parametrize(("attention", "length"), [(IMPLEMENTATION, 1024), ("sdpa", 1024), (IMPLEMENTATION, 2048)])
@@ -164,8 +165,10 @@ def test_whole_note_icd_coding_at_8192_tokens_trains_predicts_and_exports(tiny_e
                                   "training.gradient_checkpointing=true", f"data.train={data['train']}",
                                   f"data.dev={data['few']}", f"data.test={data['few']}",
                                   "icd_coding.label_space.min_train_count=1"], output_dir=tmp_path / "run")  # fmt: skip
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    text = (run / "recipe.yaml").read_text()
+    recipe = yaml.safe_load(text)
     assert recipe["model"]["attention"] == "banded" and recipe["training"]["gradient_checkpointing"] is True
+    assert "attention: banded  # ModernBERT on CPU: local layers attend within their window" in text
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_examples"] == 2 and 0 <= metrics["micro_f1"] <= 1
     summary = predict(str(run), longer, tmp_path / "predictions.jsonl")

@@ -125,6 +125,23 @@ def load_config(model: type[ConfigT], path: str | Path, overrides: list[str] | N
     return build_config(model, data, str(path))
 
 
-def dump_config(config: BaseModel, path: str | Path) -> None:
-    """Write the fully resolved config (after overrides) as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+def dump_config(config: BaseModel, path: str | Path, notes: dict[str, str] | None = None) -> None:
+    """Write the fully resolved config (after overrides) as YAML; `notes` ({"model.attention": why}) become comments
+    at the end of those keys' lines (what `auto` chose, and why)."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    Path(path).write_text(_annotate(text, notes) if notes else text, encoding="utf-8")
+
+
+def _annotate(text: str, notes: dict[str, str]) -> str:
+    lines, keys = [], []  # keys: (indent, name) of the mappings above the current line
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        indent = len(line) - len(stripped)
+        name, colon, value = stripped.partition(":")
+        if colon and not stripped.startswith(("-", "#")):
+            keys = [(i, k) for i, k in keys if i < indent] + [(indent, name)]
+            note = notes.get(".".join(k for _, k in keys))
+            if note and value.strip():
+                line += "  # " + " ".join(note.split())
+        lines.append(line)
+    return "\n".join(lines) + "\n"

@@ -51,19 +51,20 @@ def activation_bytes(config: Any, rows: int, length: int, implementation: str, c
     return 4 * floats + quadratic
 
 
-def choose_checkpointing(setting: bool | str, config: Any, shapes: list[tuple[int, int]], implementation: str,
-                         field: str = "training.gradient_checkpointing") -> bool:  # fmt: skip
-    """`true`/`false` as set; `auto`: on when the activations of the largest micro-batch (`shapes`: rows × tokens
-    per forward pass, at full length) would take more than half of the free memory — the other half holds weights,
-    gradients, optimizer state and the allocator's slack."""
+def choose_checkpointing(setting: bool | str, config: Any, shapes: list[tuple[int, int]], implementation: str
+                         ) -> tuple[bool, str]:  # fmt: skip
+    """(on or off, why). `true`/`false` as set; `auto`: on when the activations of the largest micro-batch (`shapes`:
+    rows × tokens per forward pass, at full length) would take more than half of the free memory — the other half
+    holds weights, gradients, optimizer state and the allocator's slack."""
     if setting != "auto":
-        return bool(setting)
+        return bool(setting), "set in the recipe"
     need, (rows, length) = max((activation_bytes(config, r, n, implementation, False), (r, n)) for r, n in shapes)
     free = memory_share()
     chosen = need > free // 2
-    log.info("%s: auto → %s (activations of a %d × %d micro-batch ≈ %.2f GiB; %.1f GiB free)", field,
-             "on" if chosen else "off", rows, length, need / 2**30, free / 2**30)  # fmt: skip
-    return chosen
+    why = (f"auto: activations of a {rows} × {length} micro-batch ≈ {need / 2**30:.2f} GiB, "
+           f"{'more' if chosen else 'less'} than half of the {free / 2**30:.1f} GiB free")  # fmt: skip
+    log.info("training.gradient_checkpointing: %s (%s)", "on" if chosen else "off", why)
+    return chosen, why
 
 
 def enable_checkpointing(model: nn.Module) -> int:

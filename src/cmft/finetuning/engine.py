@@ -141,9 +141,10 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     tokenizer = load_tokenizer(encoder, recipe.model.trust_remote_code)
     task.prepare(tokenizer)
     model = task.build_model(encoder, chosen.implementation, recipe.model.trust_remote_code)
-    _set_checkpointing(recipe, task, model, chosen.implementation)
-    if distributed.is_main():
-        dump_config(recipe, work / "recipe.yaml")  # as resolved: attention and checkpointing
+    why = _set_checkpointing(recipe, task, model, chosen.implementation)
+    if distributed.is_main():  # as resolved: what `auto` chose for attention and checkpointing, and why
+        dump_config(recipe, work / "recipe.yaml", {"model.attention": chosen.reason,
+                                                   "training.gradient_checkpointing": why})  # fmt: skip
     heads = task.head_modules(model)
     if recipe.tuning.method == "lora":
         model = task.wrap_lora(model, recipe.tuning, heads)
@@ -169,16 +170,17 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     return finish_run(final)
 
 
-def _set_checkpointing(recipe: RecipeConfig, task: Any, model: Any, implementation: str) -> None:
-    """Resolve training.gradient_checkpointing for one training forward pass of the task, and switch it on."""
+def _set_checkpointing(recipe: RecipeConfig, task: Any, model: Any, implementation: str) -> str:
+    """Resolve training.gradient_checkpointing for one training forward pass of the task and switch it on; why."""
     t = recipe.training
     rows = distributed.split_batch(t.batch_size, t.gradient_accumulation).per_device
     config = task.encoder_config(model)
-    t.gradient_checkpointing = choose_checkpointing(t.gradient_checkpointing, config, [task.pass_shape(rows)],
-                                                    implementation)  # fmt: skip
+    t.gradient_checkpointing, why = choose_checkpointing(t.gradient_checkpointing, config, [task.pass_shape(rows)],
+                                                         implementation)  # fmt: skip
     if t.gradient_checkpointing and not enable_checkpointing(model):
         raise CmftError(f"training.gradient_checkpointing: this encoder ({config.model_type}) does not support it; "
                         "set it to false")  # fmt: skip
+    return why
 
 
 def _trained_model(trainer: Any, task: Any, recipe: RecipeConfig, tokenizer: Any, work: Path) -> Any:

@@ -55,7 +55,9 @@ class Setup:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     attention: str
+    """transformers' attn_implementation."""
     vocab: dict
+    attention_reason: str = ""
 
 
 def modernbert_config(
@@ -169,7 +171,7 @@ def _setup(config: PretrainConfig, corpus: Corpus, lexicon: Lexicon, work: Path,
         save_tokenizer(tokenizer, tokenizer_dir)
     distributed.barrier()
     _set_sparse_prediction(model, True)
-    return Setup(model=model, tokenizer=tokenizer, attention=attention, vocab=vocab)
+    return Setup(model=model, tokenizer=tokenizer, attention=attention, vocab=vocab, attention_reason=chosen.reason)
 
 
 def _train_stage(
@@ -317,9 +319,10 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
     lexicon = Lexicon.from_files(config.masking.lexicon)
     corpus = read_corpus(config)  # streaming: the head of the stream, for the tokenizer
     setup = _setup(config, corpus, lexicon, work, resume)
-    _set_checkpointing(config, setup)
-    if distributed.is_main():
-        dump_config(config, work / "recipe.yaml")  # as resolved: attention and checkpointing
+    why = _set_checkpointing(config, setup)
+    if distributed.is_main():  # as resolved: what `auto` chose for attention and checkpointing, and why
+        dump_config(config, work / "recipe.yaml", {"model.attention": setup.attention_reason,
+                                                   "training.gradient_checkpointing": why})  # fmt: skip
     max_length = config.training.max_length
     data = training_data(config, corpus, setup.tokenizer, lexicon, max_length)
     train, corpus, max_steps = data.rows, data.corpus, data.max_steps
@@ -354,17 +357,18 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
     return finish_run(final)
 
 
-def _set_checkpointing(config: PretrainConfig, setup: Setup) -> None:
-    """Resolve training.gradient_checkpointing for the largest micro-batch of either stage, and switch it on."""
+def _set_checkpointing(config: PretrainConfig, setup: Setup) -> str:
+    """Resolve training.gradient_checkpointing for the largest micro-batch of either stage and switch it on; why."""
     t = config.training
     shapes = [(distributed.split_batch(t.batch_size, t.gradient_accumulation).per_device, t.max_length)]
     if config.long_context is not None:
         shapes.append((max(1, config.long_context.batch_size // distributed.world_size()),
                        config.long_context.max_length))  # fmt: skip
-    t.gradient_checkpointing = choose_checkpointing(t.gradient_checkpointing, setup.model.config, shapes,
-                                                    setup.attention)  # fmt: skip
+    t.gradient_checkpointing, why = choose_checkpointing(t.gradient_checkpointing, setup.model.config, shapes,
+                                                         setup.attention)  # fmt: skip
     if t.gradient_checkpointing:
         enable_checkpointing(setup.model)
+    return why
 
 
 def _evaluate_and_save(
