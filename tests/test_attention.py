@@ -57,16 +57,19 @@ def test_banded_attention_matches_sdpa_on_real_positions(models, length):
 
 @pytest.mark.parametrize("length", [17, 200, 1000, 2049, 8192])
 def test_long_notes_match_sdpa_with_modernbert_window(length):
-    """ModernBERT's own 128-token window (blocks of 64) from 17 to 8,192 tokens, with padding, within 1e-4."""
+    """ModernBERT's own 128-token window (blocks of 64) from 17 to 8,192 tokens, with padding, within 1e-4: the
+    training/inference form and the form `cmft export` traces."""
     register()
-    sdpa, banded = _model("sdpa").eval(), _model(IMPLEMENTATION).eval()
+    sdpa, banded, export = _model("sdpa").eval(), _model(IMPLEMENTATION).eval(), _model(EXPORT_IMPLEMENTATION).eval()
     rows = 3 if length <= 2049 else 1
     ids, mask = _padded(length, 300, length)
     ids, mask = ids[:rows], mask[:rows]
     with torch.no_grad():
         expected = sdpa(input_ids=ids, attention_mask=mask).last_hidden_state
         got = banded(input_ids=ids, attention_mask=mask).last_hidden_state
+        traced_form = export(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (expected - got).abs()[mask.bool()].max().item() < 1e-4
+    assert (expected - traced_form).abs()[mask.bool()].max().item() < 1e-4
 
 
 def _packed_batch(lengths_per_row: list[list[int]], vocab: int = 300):
@@ -101,7 +104,8 @@ def test_packed_documents_match_sdpa_per_document_masks(lengths):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradients_match_sdpa(packed):
-    """Training through the banded form: every parameter's gradient equals sdpa's (small sizes)."""
+    """Training through the banded form: every parameter's gradient equals sdpa's (small sizes; a 16-token window,
+    so 600 tokens take three groups of query blocks)."""
     from cmft.pretraining.packing import model_inputs
 
     register()
@@ -109,10 +113,10 @@ def test_gradients_match_sdpa(packed):
     for attention in ("sdpa", IMPLEMENTATION):
         model = _model(attention, local_attention=32).train()
         if packed:
-            batch = _packed_batch([[90, 37, 5], [150]])
+            batch = _packed_batch([[90, 37, 5, 300], [550]])
             inputs, real = model_inputs(batch, attention, 32), batch["document"] >= 0
         else:
-            ids, mask = _padded(150, 300, 3)
+            ids, mask = _padded(600, 300, 3)
             inputs, real = {"input_ids": ids, "attention_mask": mask}, mask.bool()
         states = model(**inputs).last_hidden_state
         (states[real] * torch.linspace(-1, 1, states.shape[-1])).sum().backward()

@@ -69,13 +69,7 @@ def banded_attention(
     window = module.config.sliding_window  # attend iff |i - j| <= window
     if local and length > 3 * window:
         segments = _segments(attention_mask, batch, length, query.device)
-        if torch.is_grad_enabled() and query.requires_grad:
-            # keep only query, key and value for the backward pass and rebuild the bands there: the bands (3× the
-            # keys and values) and their mask are not stored per layer, so training keeps less than sdpa does
-            output = checkpoint(_banded_sdpa, query, key, value, segments, scaling, window, dropout,
-                                use_reentrant=False)  # fmt: skip
-        else:
-            output = _banded_sdpa(query, key, value, segments, scaling, window, dropout)
+        output = _banded_sdpa(query, key, value, segments, scaling, window, dropout)
     else:  # one masked call: the band would not be smaller than the sequence
         mask = _dense_mask(attention_mask, length, window if local else None)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
@@ -101,30 +95,60 @@ def _dense_mask(attention_mask: torch.Tensor | None, length: int, window: int | 
     return mask
 
 
-def _bands(tensor: torch.Tensor, block: int, pad: int, fill: float | int = 0) -> torch.Tensor:
-    """[..., length(, dim)] → [..., blocks, 3·block(, dim)]: each block's keys with its two neighbours'."""
+def _bands(tensor: torch.Tensor, block: int, left: int, right: int, fill: float | int = 0) -> torch.Tensor:
+    """[..., length(, dim)] padded by `left` and `right` positions → [..., blocks, 3·block(, dim)]: each block's keys
+    with its two neighbours'."""
     matrix = tensor.dim() == 4
-    padded = F.pad(tensor, (0, 0, block, pad + block) if matrix else (block, pad + block), value=fill)
+    padded = F.pad(tensor, (0, 0, left, right) if matrix else (left, right), value=fill)
     blocks = padded.shape[-2 if matrix else -1] // block
-    shaped = padded.reshape(*tensor.shape[: -2 if matrix else -1], blocks, block, *tensor.shape[-1:] if matrix else ())
+    shaped = padded.reshape(*tensor.shape[:-2 if matrix else -1], blocks, block, *tensor.shape[-1:] if matrix else ())
     axis = -3 if matrix else -2
     parts = [shaped.narrow(axis, start, blocks - 2) for start in range(3)]
     return torch.cat(parts, dim=axis + 1)
 
 
+GROUP_BLOCKS = 16
+"""Query blocks attended in one call (1,024 queries at ModernBERT's window): the bands, their mask and, in training,
+their gradients exist for one group at a time, so a long note's transient memory stays that of 1,024 tokens."""
+
+
 def _banded_sdpa(query, key, value, segments: torch.Tensor, scaling: float, window: int, dropout: float):
+    """The local layer over groups of query blocks, each against its keys (one block of context on each side). In
+    training each group keeps only its slice of query, key and value and rebuilds its bands in the backward pass."""
+    length = query.shape[2]
+    span = GROUP_BLOCKS * window
+    train = torch.is_grad_enabled() and query.requires_grad
+    outputs = []
+    for start in range(0, length, span):
+        end = min(start + span, length)
+        low, high = max(0, start - window), min(length, end + window)
+        parts = (query[:, :, start:end], key[:, :, low:high], value[:, :, low:high], segments[:, start:end],
+                 segments[:, low:high], start - low)  # fmt: skip
+        if train:
+            outputs.append(checkpoint(_band_group, *parts, scaling, window, dropout, use_reentrant=False))
+        else:
+            outputs.append(_band_group(*parts, scaling, window, dropout))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _band_group(query, key, value, query_segment: torch.Tensor, key_segment: torch.Tensor, offset: int,
+                scaling: float, window: int, dropout: float) -> torch.Tensor:  # fmt: skip
+    """Queries that start `offset` positions into the keys (0 or one block): blocks of `window` queries, each
+    against its own and its two neighbouring key blocks."""
     batch, heads, length, dim = query.shape
     block = window
     blocks = (length + block - 1) // block
     pad = blocks * block - length
+    left = block - offset  # the first query block sits at key block 1
+    right = (blocks + 2) * block - left - key.shape[2]
     q = F.pad(query, (0, 0, 0, pad)).reshape(batch, heads * blocks, block, dim)
-    k = _bands(key, block, pad).reshape(batch, heads * blocks, 3 * block, dim)
-    v = _bands(value, block, pad).reshape(batch, heads * blocks, 3 * block, dim)
-    query_segment = F.pad(segments, (0, pad), value=OUTSIDE).reshape(batch, blocks, block, 1)
-    key_segment = _bands(segments, block, pad, fill=OUTSIDE)[:, :, None, :]  # [batch, blocks, 1, 3·block]
+    k = _bands(key, block, left, right).reshape(batch, heads * blocks, 3 * block, dim)
+    v = _bands(value, block, left, right).reshape(batch, heads * blocks, 3 * block, dim)
+    query_segment = F.pad(query_segment, (0, pad), value=OUTSIDE).reshape(batch, blocks, block, 1)
+    key_segment = _bands(key_segment, block, left, right, fill=OUTSIDE)[:, :, None, :]  # [batch, blocks, 1, 3·block]
     # query r of a block sits at offset block + r of its key band
-    offset = torch.arange(3 * block, device=query.device)[None, :] - torch.arange(block, device=query.device)[:, None]
-    allowed = ((offset - block).abs() <= window) & (query_segment == key_segment)  # [batch, blocks, block, 3·block]
+    distance = torch.arange(3 * block, device=query.device)[None, :] - torch.arange(block, device=query.device)[:, None]
+    allowed = ((distance - block).abs() <= window) & (query_segment == key_segment)  # [batch, blocks, block, 3·block]
     allowed = allowed[:, None].expand(batch, heads, blocks, block, 3 * block).reshape(batch, heads * blocks, block, -1)
     output = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
     return output.reshape(batch, heads, blocks * block, dim)[:, :, :length]
@@ -163,8 +187,8 @@ def _banded_matmul(query, key, value, valid, scaling: float, window: int, negati
     blocks = (length + block - 1) // block
     pad = blocks * block - length
     q = F.pad(query, (0, 0, 0, pad)).reshape(batch, heads, blocks, block, dim)
-    k, v = _bands(key, block, pad), _bands(value, block, pad)  # [batch, heads, blocks, 3·block, dim]
-    keep = _bands(valid, block, pad, fill=False)  # [batch, blocks, 3·block]
+    k, v = _bands(key, block, block, pad + block), _bands(value, block, block, pad + block)
+    keep = _bands(valid, block, block, pad + block, fill=False)  # [batch, blocks, 3·block]
     rows = torch.arange(block).unsqueeze(1) + block
     columns = torch.arange(3 * block).unsqueeze(0)
     band = (columns - rows).abs() <= window  # [block, 3·block], the same for every block
