@@ -101,7 +101,7 @@ def _bands(tensor: torch.Tensor, block: int, left: int, right: int, fill: float 
     matrix = tensor.dim() == 4
     padded = F.pad(tensor, (0, 0, left, right) if matrix else (left, right), value=fill)
     blocks = padded.shape[-2 if matrix else -1] // block
-    shaped = padded.reshape(*tensor.shape[:-2 if matrix else -1], blocks, block, *tensor.shape[-1:] if matrix else ())
+    shaped = padded.reshape(*tensor.shape[: -2 if matrix else -1], blocks, block, *tensor.shape[-1:] if matrix else ())
     axis = -3 if matrix else -2
     parts = [shaped.narrow(axis, start, blocks - 2) for start in range(3)]
     return torch.cat(parts, dim=axis + 1)
@@ -113,22 +113,61 @@ their gradients exist for one group at a time, so a long note's transient memory
 
 
 def _banded_sdpa(query, key, value, segments: torch.Tensor, scaling: float, window: int, dropout: float):
-    """The local layer over groups of query blocks, each against its keys (one block of context on each side). In
-    training each group keeps only its slice of query, key and value and rebuilds its bands in the backward pass."""
-    length = query.shape[2]
+    """The local layer over groups of query blocks, each against its keys (one block of context on each side)."""
+    if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return _grouped(query, key, value, segments, scaling, window, dropout)
+    if dropout == 0.0:
+        return _BandedAttention.apply(query, key, value, segments, scaling, window)
+    # attention dropout: each group recomputed by torch's checkpoint, which replays its random state
+    return _grouped(query, key, value, segments, scaling, window, dropout, checkpointed=True)
+
+
+def _groups(length: int, window: int):
+    """(query start, query end, key start, key end) of each group of query blocks."""
     span = GROUP_BLOCKS * window
-    train = torch.is_grad_enabled() and query.requires_grad
-    outputs = []
     for start in range(0, length, span):
         end = min(start + span, length)
-        low, high = max(0, start - window), min(length, end + window)
+        yield start, end, max(0, start - window), min(length, end + window)
+
+
+def _grouped(query, key, value, segments, scaling: float, window: int, dropout: float, checkpointed: bool = False):
+    outputs = []
+    for start, end, low, high in _groups(query.shape[2], window):
         parts = (query[:, :, start:end], key[:, :, low:high], value[:, :, low:high], segments[:, start:end],
-                 segments[:, low:high], start - low)  # fmt: skip
-        if train:
-            outputs.append(checkpoint(_band_group, *parts, scaling, window, dropout, use_reentrant=False))
+                 segments[:, low:high], start - low, scaling, window, dropout)  # fmt: skip
+        if checkpointed:
+            outputs.append(checkpoint(_band_group, *parts, use_reentrant=False))
         else:
-            outputs.append(_band_group(*parts, scaling, window, dropout))
+            outputs.append(_band_group(*parts))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+class _BandedAttention(torch.autograd.Function):
+    """Banded attention that keeps only query, key and value for the backward pass, which recomputes one group at a
+    time and adds its gradients into one buffer per input: the bands, their mask and their gradients exist for one
+    group only, and no per-group full-size gradient is made (slicing's backward would make one per group)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, segments, scaling, window):
+        ctx.save_for_backward(query, key, value, segments)
+        ctx.scaling, ctx.window = scaling, window
+        return _grouped(query, key, value, segments, scaling, window, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, segments = ctx.saved_tensors
+        grads = (torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value))
+        for start, end, low, high in _groups(query.shape[2], ctx.window):
+            inputs = (query[:, :, start:end].detach().requires_grad_(), key[:, :, low:high].detach().requires_grad_(),
+                      value[:, :, low:high].detach().requires_grad_())  # fmt: skip
+            with torch.enable_grad():
+                output = _band_group(*inputs, segments[:, start:end], segments[:, low:high], start - low,
+                                     ctx.scaling, ctx.window, 0.0)  # fmt: skip
+            dq, dk, dv = torch.autograd.grad(output, inputs, grad_output[:, :, start:end])
+            grads[0][:, :, start:end] += dq
+            grads[1][:, :, low:high] += dk
+            grads[2][:, :, low:high] += dv
+        return *grads, None, None, None
 
 
 def _band_group(query, key, value, query_segment: torch.Tensor, key_segment: torch.Tensor, offset: int,
