@@ -20,6 +20,8 @@ Part 3, whole-note ICD coding at 8,192 tokens with a ModernBERT-base-geometry en
 encoder's tokenizer): a few steps at batch 1, then test predictions; time and peak memory.
 
     python benchmarks/long_context.py [--quick] [--encoder runs/pretrain/latest/model] [--skip-icd]
+    python benchmarks/long_context.py --short     # the rule's short end: batch 8 at 128 / 256 / 512 tokens
+    python benchmarks/long_context.py --memory    # peak memory at 8,192 tokens with glibc's mmap threshold fixed
 
 `--quick` (the suite's smoke test): a small geometry at 256 / 1,024 tokens in one process, no flex, two ICD
 steps. Prints one JSON line last.
@@ -68,7 +70,8 @@ def child(spec: dict) -> dict:
     config = ModernBertConfig(**spec["geometry"], max_position_embeddings=8192, pad_token_id=0)
     config._attn_implementation = implementation
     model = ModernBertModel(config)
-    ids = torch.randint(5, config.vocab_size, (1, spec["length"]), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(5, config.vocab_size, (spec.get("batch", 1), spec["length"]),
+                        generator=torch.Generator().manual_seed(1))  # fmt: skip
     mask = torch.ones_like(ids)
     train = spec["mode"] == "train"
     if train and spec["checkpointing"]:
@@ -99,10 +102,12 @@ def child(spec: dict) -> dict:
     result = {"seconds": round(seconds, 3), "runs": len(times), "implementation": implementation}
     if spec["path"] == "flex":
         result["compile_s"] = round(first - seconds, 1)
-    reference = Path(spec["reference"])
-    if not train and spec["path"] == "sdpa":
+    reference = Path(spec["reference"]) if spec.get("reference") else None
+    if reference is None or train:
+        pass
+    elif spec["path"] == "sdpa":
         np.save(reference, states[0].numpy())
-    elif not train and reference.is_file():
+    elif reference.is_file():
         result["max_abs_diff"] = float(np.abs(np.load(reference) - states[0].numpy()).max())
     result["peak_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
     return result
@@ -115,6 +120,10 @@ def run_setting(spec: dict, in_process: bool = False) -> dict:
     if in_process:
         return row | child(spec)
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT / "src")}
+    if spec.get("exact_memory"):  # glibc keeps freed blocks under its (rising) mmap threshold: peak RSS then
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)  # depends on timing; fixed at 1 MiB it follows live memory
+    if spec["path"] == "flex":  # a cold compile every time: inductor's on-disk cache would hide it on a rerun
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     process = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                              env=env)  # fmt: skip
     lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
@@ -260,15 +269,73 @@ def icd_base_geometry(encoder: str, folder: Path, quick: bool) -> dict:
             "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)}  # fmt: skip
 
 
+def short_lengths(lengths: list[int], batch: int) -> dict:
+    """The rule's short end: batches of `batch` rows at short lengths, sdpa against cmft's path (forward and
+    forward+backward), to show where banded attention stops paying and the kernel's one-call fallback takes over."""
+    rows = []
+    for length in lengths:
+        for path in ("sdpa", "cmft"):
+            for mode in ("forward", "train"):
+                spec = {"path": path, "mode": mode, "length": length, "checkpointing": False, "batch": batch,
+                        "geometry": BASE, "reference": None}  # fmt: skip
+                rows.append(run_setting(spec))
+    speedups = {f"{length}_{mode}": ratio(pick(rows, "sdpa", mode, length), pick(rows, "cmft", mode, length))
+                for length in lengths for mode in ("forward", "train")}  # fmt: skip
+    return {"benchmark": "long_context_short", "geometry": "modernbert-base", "threads": THREADS, "batch": batch,
+            "settings": rows, "speedup_vs_sdpa": speedups, "global_layers_attention_s": global_attention()}  # fmt: skip
+
+
+def memory_check(length: int = 8192) -> dict:
+    """Peak memory of forward+backward at `length` for sdpa and cmft, with and without checkpointing, with glibc's
+    mmap threshold fixed at 1 MiB so that freed blocks go back to the system and peak RSS follows live memory (with
+    the default, the same setting measured 7.9-9.4 GB across runs)."""
+    rows = [run_setting({"path": path, "mode": "train", "length": length, "checkpointing": checkpointing,
+                         "geometry": BASE, "reference": None, "exact_memory": True})
+            for checkpointing in (True, False) for path in ("sdpa", "cmft")]  # fmt: skip
+    return {"benchmark": "long_context_memory", "geometry": "modernbert-base", "threads": THREADS, "batch": 1,
+            "malloc": "MALLOC_MMAP_THRESHOLD_=1048576", "settings": rows,
+            f"peak_gb_train_{length}": {("cmft" if p == "cmft" else "sdpa") + ("_checkpointing" if c else ""):
+                                        pick(rows, p, "train", length, c).get("peak_gb")
+                                        for p in ("cmft", "sdpa") for c in (True, False)}}  # fmt: skip
+
+
+def global_attention(lengths: tuple[int, ...] = (2048, 8192)) -> dict:
+    """What no local-window trick can remove: the 8 global layers' attention alone (fused sdpa, no mask, batch 1,
+    12 heads of 64), forward, median of 3 — the floor under the ratio of 8,192 to 2,048 tokens."""
+    import torch
+    from torch.nn import functional as F
+
+    torch.set_num_threads(THREADS)
+    layers = -(-BASE["num_hidden_layers"] // BASE["global_attn_every_n_layers"])
+    result = {}
+    for length in lengths:
+        q, k, v = (torch.randn(1, 12, length, 64) for _ in range(3))
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v)
+            times.append(time.perf_counter() - started)
+        result[str(length)] = round(layers * statistics.median(times), 2)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--encoder", default="runs/pretrain/latest/model")
     parser.add_argument("--skip-icd", action="store_true")
+    parser.add_argument("--short", action="store_true", help="only the short-length check (batch 8, 128-512 tokens)")
+    parser.add_argument("--memory", action="store_true", help="only peak memory at 8,192 tokens, allocator pinned")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.short:
+        print(json.dumps(short_lengths([128, 256, 512], 8)))
+        return
+    if args.memory:
+        print(json.dumps(memory_check()))
         return
     sys.path.insert(0, str(Path(__file__).parent))
     started = time.monotonic()

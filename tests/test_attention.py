@@ -126,6 +126,23 @@ def test_gradients_match_sdpa(packed):
         assert (grad - grads[IMPLEMENTATION][name]).abs().max().item() < 1e-4 * max(1.0, grad.abs().max().item()), name
 
 
+def test_attention_dropout_trains_and_replays_its_mask():
+    """With attention dropout, each group is recomputed by torch's checkpoint, which replays the dropout mask: the
+    gradient equals that of the same forward run without recomputation."""
+    from cmft.attention import _grouped
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 600, 8, generator=generator, requires_grad=True) for _ in range(3))
+    segments = torch.zeros(1, 600, dtype=torch.long)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(3)
+        out = _grouped(q, k, v, segments, 0.3, 16, 0.2, checkpointed=checkpointed)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), (q, k, v)))
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.isfinite(plain).all() and torch.allclose(plain, recomputed, atol=1e-6)
+
+
 @pytest.mark.parametrize("form", [banded_attention, export_attention])
 def test_the_band_is_the_window_and_nothing_else(models, form):
     """Changing a token exactly `window` away changes a local layer's output there; one further does not."""

@@ -218,7 +218,9 @@ def test_lora_saves_merged_model_and_adapter_that_agree(tiny_encoder, tmp_path):
 def test_icd_lora_adapter_includes_the_head(tiny_encoder, tmp_path):
     from peft import PeftModel
 
-    run = finetune("icd_coding_lora", [f"model.encoder={tiny_encoder}", *SHORT], output_dir=tmp_path / "icdlora")
+    run = finetune("icd_coding_lora", [f"model.encoder={tiny_encoder}", *SHORT, "training.gradient_checkpointing=true"],
+                   output_dir=tmp_path / "icdlora")  # fmt: skip
+    assert "gradient_checkpointing: true" in (run / "recipe.yaml").read_text()
     merged = IcdCoder.from_pretrained(run / "model")
     fresh = IcdCoder(AutoModel.from_pretrained(tiny_encoder), merged.settings)
     adapted = PeftModel.from_pretrained(fresh, run / "adapter").eval()

@@ -82,7 +82,12 @@ def test_model_loads_offline_with_plain_transformers(finished_run):
 
 
 @pytest.mark.slow
-def test_long_context_stage_raises_global_rope_theta(small_config, tmp_path):
+def test_long_context_stage_raises_global_rope_theta(small_config, tmp_path, monkeypatch):
+    """The long-context stage, with gradient checkpointing switched on by `auto` because of that stage alone
+    (16 MiB free: its 1 × 512 micro-batch keeps about 10 MiB, the main stage's 4 × 64 about 5 MiB)."""
+    from cmft import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 16 * 2**20)
     config = small_config(
         {
             "training": {"max_steps": 2, "max_length": 64},
@@ -90,6 +95,9 @@ def test_long_context_stage_raises_global_rope_theta(small_config, tmp_path):
         }
     )
     run = pretrain(config, output_dir=tmp_path / "long")
+    recipe = (run / "recipe.yaml").read_text()
+    assert "gradient_checkpointing: true  # auto: activations of a 1 × 512 micro-batch" in recipe
+    assert "attention: banded  # ModernBERT on CPU" in recipe
     saved = json.loads((run / "model" / "config.json").read_text())
     assert saved["rope_parameters"]["full_attention"]["rope_theta"] == 320000.0
     assert saved["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0

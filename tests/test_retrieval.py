@@ -202,14 +202,16 @@ def test_saved_bi_encoder_reloads_with_identical_embeddings(retrieval_run):
 
 @pytest.mark.slow
 def test_lora_cached_loss_and_mined_hard_negatives(tiny_encoder, tmp_path):
+    """LoRA, GradCache, mined negatives and gradient checkpointing in one sentence-transformers run."""
     train = _mts_subset(tmp_path / "train.csv", 48)
     run = finetune(
         "retrieval",
         [f"model.encoder={tiny_encoder}", *QUICK, f"data.train={train}", f"data.dev={train}", "data.test=null",
          "tuning.method=lora", "retrieval.loss=cached", "retrieval.mini_batch_size=4", "retrieval.hard_negatives=1",
-         "retrieval.hard_negative_margin=0", "retrieval.pooling=cls"],
+         "retrieval.hard_negative_margin=0", "retrieval.pooling=cls", "training.gradient_checkpointing=true"],
         output_dir=tmp_path / "run",
     )  # fmt: skip
+    assert "gradient_checkpointing: true" in (run / "recipe.yaml").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "dev" and 0 < metrics["n_hard_negative_rows"] <= 48
     assert (run / "adapter" / "adapter_config.json").is_file()

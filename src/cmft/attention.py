@@ -11,8 +11,9 @@ with packed documents. Global layers attend to every key of their document.
 The mask each layer receives is either the plain 2D padding mask (bool [batch, length], what the registered mask
 function hands through) or, for packed rows, the per-token document index (int64 [batch, length], −1 on padding)
 that `segment_masks` builds. Two forms are registered with transformers:
-- `IMPLEMENTATION` (training and torch inference): blocks through torch's scaled_dot_product_attention, whose
-  fused CPU kernel keeps no score matrix for the backward pass; sequences within three blocks use one masked call.
+- `IMPLEMENTATION` (training and torch inference): groups of 16 query blocks through torch's
+  scaled_dot_product_attention; in training only query, key and value are kept, and the backward pass rebuilds one
+  group's bands at a time (less memory than sdpa keeps). Sequences within three blocks use one masked call.
 - `EXPORT_IMPLEMENTATION` (what `cmft export` traces): plain matmul/softmax with additive biases, one graph for
   every length, no shape-dependent branch.
 """
@@ -71,12 +72,13 @@ def banded_attention(
         segments = _segments(attention_mask, batch, length, query.device)
         output = _banded_sdpa(query, key, value, segments, scaling, window, dropout)
     else:  # one masked call: the band would not be smaller than the sequence
-        mask = _dense_mask(attention_mask, length, window if local else None)
+        mask = _dense_mask(attention_mask, length, window if local else None, query.device)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
-def _dense_mask(attention_mask: torch.Tensor | None, length: int, window: int | None) -> torch.Tensor | None:
+def _dense_mask(attention_mask: torch.Tensor | None, length: int, window: int | None, device: torch.device
+                ) -> torch.Tensor | None:  # fmt: skip
     """A bool mask broadcastable to [batch, heads, length, length]; None when every key is visible. Local layers
     and packed rows keep keys of the query's own segment (padding sees padding: no row is empty, no NaN)."""
     packed = attention_mask is not None and attention_mask.dtype != torch.bool
@@ -89,7 +91,7 @@ def _dense_mask(attention_mask: torch.Tensor | None, length: int, window: int | 
         segments = _segments(attention_mask, 0, length, None)
         mask = segments[:, None, :, None] == segments[:, None, None, :]
     if window is not None and length > window + 1:
-        position = torch.arange(length, device=attention_mask.device if attention_mask is not None else None)
+        position = torch.arange(length, device=device)
         near = (position[:, None] - position[None, :]).abs() <= window
         mask = near if mask is None else mask & near
     return mask
@@ -225,9 +227,15 @@ def _banded_matmul(query, key, value, valid, scaling: float, window: int, negati
     block = window
     blocks = (length + block - 1) // block
     pad = blocks * block - length
-    q = F.pad(query, (0, 0, 0, pad)).reshape(batch, heads, blocks, block, dim)
-    k, v = _bands(key, block, block, pad + block), _bands(value, block, block, pad + block)
-    keep = _bands(valid, block, block, pad + block, fill=False)  # [batch, blocks, 3·block]
+    # keys and values padded by one block on each side: block n of queries sees key blocks n-1, n, n+1
+    q = nn.functional.pad(query, (0, 0, 0, pad)).reshape(batch, heads, blocks, block, dim)
+    k = nn.functional.pad(key, (0, 0, block, pad + block)).reshape(batch, heads, blocks + 2, block, dim)
+    v = nn.functional.pad(value, (0, 0, block, pad + block)).reshape(batch, heads, blocks + 2, block, dim)
+    k = torch.cat([k[:, :, :-2], k[:, :, 1:-1], k[:, :, 2:]], dim=3)  # [batch, heads, blocks, 3·block, dim]
+    v = torch.cat([v[:, :, :-2], v[:, :, 1:-1], v[:, :, 2:]], dim=3)
+    keep = nn.functional.pad(valid, (block, pad + block)).reshape(batch, blocks + 2, block)
+    keep = torch.cat([keep[:, :-2], keep[:, 1:-1], keep[:, 2:]], dim=2)  # [batch, blocks, 3·block]
+    # query r of a block is at offset block + r in its key band; the band keeps |offset - (block + r)| <= window
     rows = torch.arange(block).unsqueeze(1) + block
     columns = torch.arange(3 * block).unsqueeze(0)
     band = (columns - rows).abs() <= window  # [block, 3·block], the same for every block
