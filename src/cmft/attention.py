@@ -13,7 +13,8 @@ function hands through) or, for packed rows, the per-token document index (int64
 that `segment_masks` builds. Two forms are registered with transformers:
 - `IMPLEMENTATION` (training and torch inference): groups of 16 query blocks through torch's
   scaled_dot_product_attention; in training only query, key and value are kept, and the backward pass rebuilds one
-  group's bands at a time (less memory than sdpa keeps). Sequences within three blocks use one masked call.
+  group's bands at a time (less memory than sdpa keeps). Sequences of at most `DENSE_BLOCKS` blocks use one masked
+  call.
 - `EXPORT_IMPLEMENTATION` (what `cmft export` traces): plain matmul/softmax with additive biases, one graph for
   every length, no shape-dependent branch.
 """
@@ -27,6 +28,10 @@ from torch.utils.checkpoint import checkpoint
 
 IMPLEMENTATION = "cmft_banded"
 EXPORT_IMPLEMENTATION = "cmft_banded_export"
+DENSE_BLOCKS = 4
+"""Up to this many window blocks (256 tokens at ModernBERT's window) a local layer is one masked sdpa call: measured
+with ModernBERT-base, batch 8 (benchmarks/long_context.py --short), the bands were 10% slower at 256 tokens and
+level at 512."""
 OUTSIDE = -2
 """The segment of positions beyond the sequence (block padding): equal to no real or padded token."""
 
@@ -68,10 +73,10 @@ def banded_attention(
     batch, _, length, _ = query.shape
     local = getattr(module, "sliding_window", None) is not None
     window = module.config.sliding_window  # attend iff |i - j| <= window
-    if local and length > 3 * window:
+    if local and length > DENSE_BLOCKS * window:
         segments = _segments(attention_mask, batch, length, query.device)
         output = _banded_sdpa(query, key, value, segments, scaling, window, dropout)
-    else:  # one masked call: the band would not be smaller than the sequence
+    else:  # one masked call: as fast as the bands, or faster, this short
         mask = _dense_mask(attention_mask, length, window if local else None, query.device)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return output.transpose(1, 2).contiguous(), None

@@ -38,7 +38,7 @@ def choose_attention(choice: str, model_type: str | None, training: bool, field:
        (unpadded varlen kernels, local windows skipped);
     2. otherwise cmft's banded attention for ModernBERT, on CPU and on any GPU (T4, V100 included), training or
        inference: exact, and from 1,024 tokens on the fastest path measured on CPU (1.6-1.7× sdpa's forward at 8,192
-       tokens, less memory); within three window blocks (≤ 192 tokens) it is one masked sdpa call;
+       tokens, less memory); up to 256 tokens it is one masked sdpa call, as fast as sdpa;
     3. otherwise (BERT-style encoders, no local layers) torch's sdpa.
     flex_attention is never chosen: on CPU it compiles per new shape (27-40 s) and has no backward."""
     modernbert = model_type == "modernbert"
