@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cmft.errors import CmftError
+
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+"""Experiment trackers `training.report_to` may name (cmft.tracking)."""
 
 ConfigT = TypeVar("ConfigT", bound="StrictModel")
 

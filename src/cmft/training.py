@@ -44,9 +44,11 @@ def training_arguments(
     fsdp_layers: list[str] | None = None,
     batch_field: str = "training.batch_size",
     cls: type[TrainingArguments] = TrainingArguments,
+    report_to: list[str] | None = None,
     **extra: Any,
 ) -> TrainingArguments:
-    """TrainingArguments (or a subclass) with cmft's conventions: checkpoints in the run folder, no reporting.
+    """TrainingArguments (or a subclass) with cmft's conventions: checkpoints in the run folder, reporting only to
+    `report_to` (cmft.tracking).
 
     `batch_size` is the recipe's: rows per micro-batch over all processes together. Under torchrun it is divided
     across the processes, so the global batch (batch_size × gradient_accumulation) does not change."""
@@ -78,7 +80,7 @@ def training_arguments(
         data_seed=seed,
         bf16=use_bf16,
         use_cpu=not torch.cuda.is_available(),
-        report_to=[],
+        report_to=report_to or [],
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,

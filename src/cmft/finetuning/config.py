@@ -75,8 +75,12 @@ class TrainingConfig(StrictModel):
     divergence_factor: PositiveFloat | None = 10.0
     """Stop when the smoothed loss exceeds this many times its lowest (NaN/inf always stops); null: off."""
     gradient_checkpointing: Literal["auto", True, False] = "auto"
-    """Recompute each layer in the backward pass: far less activation memory for about a third more time. `auto`:
+    """Recompute each layer in the backward pass: far less activation memory for about a sixth more time. `auto`:
     on when a micro-batch's activations at max_length would take more than half the free memory."""
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] | list[Literal["tensorboard", "mlflow", "wandb"]] = (
+        "none"
+    )
+    """Experiment tracking through the Trainer's integrations; tensorboard writes into the run folder's tensorboard/."""
     bf16: Literal["auto", True, False] = "auto"
     threads: PositiveInt | None = None
     distributed: Literal["ddp", "fsdp"] = "ddp"

@@ -23,6 +23,8 @@ from cmft.memory import choose_checkpointing, enable_checkpointing
 from cmft.modeling import check_model_source, choose_attention, hub_error, model_type_of
 from cmft.runs import finish_run
 from cmft.tasks import get_task, task_class
+from cmft.tracking import trackers as check_trackers
+from cmft.tracking import tracking
 from cmft.training import (
     HistoryCallback,
     RichProgressCallback,
@@ -126,6 +128,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     """Train in `work` (the `.partial` folder) and rename it to `final` when everything is written."""
     task = get_task(recipe)
     task.check_recipe()
+    check_trackers(recipe.training.report_to)  # before anything heavy
     if recipe.tuning.method == "lora" and recipe.training.distributed == "fsdp":
         raise CmftError("training.distributed: fsdp with tuning.method lora is not supported; use ddp")
     if distributed.is_main():
@@ -219,15 +222,16 @@ def _build_trainer(recipe: RecipeConfig, task: Any, model: Any, tokenizer: Any, 
     has_dev = "dev" in task.datasets
     max_steps, _, eval_every, log_every = step_schedule(t, task.batches_per_epoch(t.batch_size))
     arguments_class, extra = task.trainer_arguments()
+    report_to, trackers = tracking(t.report_to, work)
     args = training_arguments(
         work / "checkpoints", max_steps=max_steps, batch_size=t.batch_size,
         gradient_accumulation=t.gradient_accumulation, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, max_grad_norm=1.0,
         log_every=log_every, save_every=eval_every, save_total_limit=t.save_total_limit,
-        seed=recipe.seed, bf16=t.bf16, distributed=t.distributed, cls=arguments_class, **extra,
+        seed=recipe.seed, bf16=t.bf16, distributed=t.distributed, cls=arguments_class, report_to=report_to, **extra,
     )  # fmt: skip
     args.per_device_eval_batch_size = t.eval_batch_size
-    callbacks = [HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"finetune {recipe.task}")]
+    callbacks = [HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"finetune {recipe.task}"), *trackers]
     if has_dev:
         args.eval_strategy = "steps"
         args.eval_steps = eval_every

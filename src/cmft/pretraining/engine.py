@@ -35,6 +35,7 @@ from cmft.pretraining.rows import Rows, read_corpus, streamed, training_data
 from cmft.pretraining.trainer import MaskedLMTrainer
 from cmft.pretraining.vocab import refine_tokenizer, save_tokenizer, tokens_per_word, train_tokenizer
 from cmft.runs import finish_run
+from cmft.tracking import trackers, tracking
 from cmft.training import (
     HistoryCallback,
     RichProgressCallback,
@@ -194,6 +195,7 @@ def _train_stage(
         config.masking.mask_token_fraction,
         config.masking.random_token_fraction,
     )
+    report_to, trackers = tracking(t.report_to, work)
     args = training_arguments(
         work / "checkpoints" / stage,
         max_steps=max_steps,
@@ -213,6 +215,7 @@ def _train_stage(
         fsdp_layers=["ModernBertEncoderLayer"],
         batch_field="training.batch_size" if stage == "main" else "long_context.batch_size",
         ddp_find_unused_parameters=False,  # every parameter takes part: skip DDP's extra graph traversal
+        report_to=report_to,
     )
     pad_id = setup.tokenizer.pad_token_id
     trainer = MaskedLMTrainer(
@@ -224,7 +227,7 @@ def _train_stage(
         rates=(config.masking.start_rate, config.masking.end_rate, config.masking.schedule),
         attention=setup.attention,
         seed=config.seed,
-        callbacks=[HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"pretrain {stage}")],
+        callbacks=[HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"pretrain {stage}"), *trackers],
     )
     quiet_trainer(trainer)
     trainer.setup_safety(t.divergence_factor)
@@ -314,8 +317,9 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
     set_threads(config.training.threads)
     set_seed(config.seed)
     started = time.monotonic()
+    trackers(config.training.report_to)  # fail in seconds, before the corpus is read
     if config.model.init_from is not None:
-        check_model_source(config.model.init_from)  # fail in seconds, before the corpus is read
+        check_model_source(config.model.init_from)
     lexicon = Lexicon.from_files(config.masking.lexicon)
     corpus = read_corpus(config)  # streaming: the head of the stream, for the tokenizer
     setup = _setup(config, corpus, lexicon, work, resume)
