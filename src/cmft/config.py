@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cmft.errors import CmftError
 
+AttentionChoice = Literal["auto", "banded", "sdpa", "eager", "flash_attention_2", "flex_attention"]
+"""`model.attention` values (cmft.modeling.choose_attention resolves `auto`)."""
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
 """Experiment trackers `training.report_to` may name (cmft.tracking)."""
 

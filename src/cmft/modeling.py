@@ -14,9 +14,6 @@ import torch
 
 from cmft.errors import CmftError
 
-ATTENTION_CHOICES = ("auto", "banded", "sdpa", "eager", "flash_attention_2", "flex_attention")
-"""`model.attention` values; `banded` is cmft.attention (ModernBERT's local layers cost O(length × window))."""
-
 
 class Attention(NamedTuple):
     choice: str
@@ -37,21 +34,20 @@ def choose_attention(choice: str, model_type: str | None, training: bool, field:
     1. flash-attention 2 when flash-attn is installed on an Ampere-or-newer CUDA GPU and the encoder is ModernBERT
        (unpadded varlen kernels, local windows skipped);
     2. otherwise cmft's banded attention for ModernBERT, on CPU and on any GPU (T4, V100 included), training or
-       inference: exact, and from 1,024 tokens on the fastest path measured on CPU (1.6-1.7× sdpa's forward at 8,192
-       tokens, less memory); up to 256 tokens it is one masked sdpa call, as fast as sdpa;
+       inference: exact, and from 1,024 tokens on the fastest path measured on CPU (1.92× sdpa's forward at 8,192
+       tokens, 1.76× with the backward pass, less memory); up to 256 tokens it is one masked sdpa call, as sdpa;
     3. otherwise (BERT-style encoders, no local layers) torch's sdpa.
-    flex_attention is never chosen: on CPU it compiles per new shape (27-40 s) and has no backward."""
+    flex_attention is never chosen: on CPU it compiles per new length (12-25 s cold) and has no backward."""
     modernbert = model_type == "modernbert"
     if choice == "auto":
         if modernbert and flash_attention_available():
             return Attention("flash_attention_2", "flash_attention_2", "flash-attn on an Ampere-or-newer GPU")
-        if modernbert:
-            from cmft.attention import register
-
-            where = "GPU without flash-attention 2" if torch.cuda.is_available() else "CPU"
-            return Attention("banded", register(), f"ModernBERT on {where}: local layers attend within their window "
-                                                   "only (exact; O(length × window))")  # fmt: skip
-        return Attention("sdpa", "sdpa", f"{model_type or 'this encoder'} has no local-attention layers")
+        if not modernbert:
+            return Attention("sdpa", "sdpa", f"{model_type or 'this encoder'} has no local-attention layers")
+        where = "GPU without flash-attention 2" if torch.cuda.is_available() else "CPU"
+        choice, reason = "banded", f"ModernBERT on {where}: local layers attend within their window only (exact)"
+    else:
+        reason = "set in the recipe"
     if choice == "flash_attention_2" and not flash_attention_available():
         raise CmftError(f"{field}: flash_attention_2 needs flash-attn (`pip install cmft[flash]`) on an "
                         "Ampere-or-newer CUDA GPU; use auto")  # fmt: skip
@@ -61,10 +57,10 @@ def choose_attention(choice: str, model_type: str | None, training: bool, field:
                             f"{model_type}: use auto or sdpa")  # fmt: skip
         from cmft.attention import register
 
-        return Attention("banded", register(), "set in the recipe")
+        return Attention("banded", register(), reason)
     if choice == "flex_attention" and training and not torch.cuda.is_available():
         raise CmftError(f"{field}: flex_attention has no backward pass on CPU (torch {torch.__version__}); use banded")
-    return Attention(choice, choice, "set in the recipe")
+    return Attention(choice, choice, reason)
 
 
 def model_type_of(source: str, trust_remote_code: bool = False) -> str | None:

@@ -7,7 +7,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from cmft.config import StrictModel
+from cmft.config import AttentionChoice, StrictModel, Tracker
 
 TASK_SECTIONS = {"ner": "ner", "icd_coding": "icd_coding", "note_classification": "classification",
                  "retrieval": "retrieval"}  # fmt: skip
@@ -18,7 +18,7 @@ TASKS = tuple(TASK_SECTIONS)
 class EncoderConfig(StrictModel):
     encoder: str = "latest"
     """`latest` (the newest `cmft pretrain` run), a local model folder, or a hub id."""
-    attention: Literal["auto", "banded", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    attention: AttentionChoice = "auto"
     """`auto`: flash_attention_2 on an Ampere-or-newer GPU with flash-attn, else `banded` for ModernBERT (exact; local
     layers cost O(length × window)), else sdpa. recipe.yaml records what `auto` chose."""
     trust_remote_code: bool = False
@@ -77,9 +77,7 @@ class TrainingConfig(StrictModel):
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     """Recompute each layer in the backward pass: far less activation memory for about a sixth more time. `auto`:
     on when a micro-batch's activations at max_length would take more than half the free memory."""
-    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] | list[Literal["tensorboard", "mlflow", "wandb"]] = (
-        "none"
-    )
+    report_to: Literal["none"] | Tracker | list[Tracker] = "none"
     """Experiment tracking through the Trainer's integrations; tensorboard writes into the run folder's tensorboard/."""
     bf16: Literal["auto", True, False] = "auto"
     threads: PositiveInt | None = None

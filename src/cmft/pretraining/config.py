@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from cmft.config import StrictModel
+from cmft.config import AttentionChoice, StrictModel, Tracker
 
 BUNDLED_SOURCES = ("pubmedqa", "mts_dialog_train", "codiesp_train", "icd10cm", "icd9cm")
 
@@ -35,7 +35,7 @@ class ArchitectureConfig(StrictModel):
 class ModelConfig(StrictModel):
     init_from: str | None = None
     """A local model folder or a hub id to continue from; null builds a new model from `architecture`."""
-    attention: Literal["auto", "banded", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    attention: AttentionChoice = "auto"
     """`auto`: flash_attention_2 on an Ampere-or-newer GPU with flash-attn, else `banded` for ModernBERT (exact; local
     layers cost O(length × window)), else sdpa. recipe.yaml records what `auto` chose."""
     architecture: ArchitectureConfig = ArchitectureConfig()
@@ -138,9 +138,7 @@ class TrainingConfig(StrictModel):
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     """Recompute each layer in the backward pass: far less activation memory for about a sixth more time. `auto`:
     on when a micro-batch's activations at max_length would take more than half the free memory."""
-    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] | list[Literal["tensorboard", "mlflow", "wandb"]] = (
-        "none"
-    )
+    report_to: Literal["none"] | Tracker | list[Tracker] = "none"
     """Experiment tracking through the Trainer's integrations; tensorboard writes into the run folder's tensorboard/."""
     bf16: Literal["auto", True, False] = "auto"
     threads: PositiveInt | None = None
