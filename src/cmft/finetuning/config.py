@@ -60,7 +60,9 @@ class TrainingConfig(StrictModel):
     batch_size: PositiveInt = 16
     eval_batch_size: PositiveInt = 32
     gradient_accumulation: PositiveInt = 1
-    learning_rate: PositiveFloat = 5e-5
+    learning_rate: PositiveFloat | Literal["auto"] = "auto"
+    """The encoder's rate. `auto`: the rate measured for this task and tuning method with the tiny encoder `cmft
+    pretrain` makes, or with a real pretrained encoder for any other (benchmarks/README.md, Learning rates)."""
     head_learning_rate: PositiveFloat | None = None
     """A separate (usually higher) rate for the task head; null uses learning_rate."""
     weight_decay: float = Field(0.01, ge=0)

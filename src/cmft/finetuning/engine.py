@@ -18,11 +18,12 @@ from cmft.config import dump_config
 from cmft.errors import CmftError
 from cmft.evaluation import evaluate, split_outputs
 from cmft.finetuning.config import RecipeConfig, step_schedule
+from cmft.finetuning.rates import resolve_learning_rate
 from cmft.inference import TorchBackend
 from cmft.memory import choose_checkpointing, enable_checkpointing
 from cmft.modeling import check_model_source, choose_attention, hub_error, model_type_of
 from cmft.runs import finish_run
-from cmft.tasks import get_task, task_class
+from cmft.tasks import get_task
 from cmft.tracking import trackers as check_trackers
 from cmft.tracking import tracking
 from cmft.training import (
@@ -67,28 +68,6 @@ def rotary_positions(config: Any) -> bool:
     return bool(getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None))
 
 
-def made_by_cmft_pretrain(encoder: str) -> bool:
-    """Whether the encoder is the model folder of a `cmft pretrain` run (whose run folder keeps summary.json)."""
-    run = Path(encoder).parent
-    return (run / "summary.json").is_file() and (run / "recipe.yaml").is_file()
-
-
-def learning_rate_advice(recipe: RecipeConfig, encoder: str) -> str | None:
-    """A warning when full tuning runs a real pretrained encoder at a recipe rate measured to be too high for one."""
-    advice = task_class(recipe.task).pretrained_encoder_rate
-    if advice is None:
-        return None
-    advised, evidence = advice
-    rate = recipe.training.learning_rate
-    if recipe.tuning.method != "full" or rate < 2 * advised or made_by_cmft_pretrain(encoder):
-        return None
-    return (
-        f"training.learning_rate {rate:g} suits the tiny encoder `cmft pretrain` makes; full tuning of a pretrained "
-        f"encoder ({encoder}) on {recipe.task} is measured to train better at {advised:g} "
-        f"({evidence}): set training.learning_rate={advised:g}"
-    )
-
-
 def check_positions(recipe: RecipeConfig, encoder: str, task: Any) -> None:
     """An encoder with absolute position embeddings (BERT, RoBERTa) fails deep inside the model on a sequence
     longer than its position table (an index error on CPU, a device assert on GPU): say so before anything is
@@ -120,8 +99,6 @@ def check_encoder(recipe: RecipeConfig, encoder: str, task: Any) -> None:
     if recipe.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", encoder)
     check_positions(recipe, encoder, task)
-    if advice := learning_rate_advice(recipe, encoder):
-        log.warning(advice)
 
 
 def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) -> Path:
@@ -141,13 +118,14 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     log.info("model.attention: %s → %s (%s)", recipe.model.attention, chosen.choice, chosen.reason)
     recipe.model.attention = chosen.choice  # recipe.yaml records the choice
     check_encoder(recipe, encoder, task)
+    rate_why = resolve_learning_rate(recipe, encoder)
     tokenizer = load_tokenizer(encoder, recipe.model.trust_remote_code)
     task.prepare(tokenizer)
     model = task.build_model(encoder, chosen.implementation, recipe.model.trust_remote_code)
     why = _set_checkpointing(recipe, task, model, chosen.implementation)
     if distributed.is_main():  # as resolved: what `auto` chose for attention and checkpointing, and why
-        dump_config(recipe, work / "recipe.yaml", {"model.attention": chosen.reason,
-                                                   "training.gradient_checkpointing": why})  # fmt: skip
+        notes = {"model.attention": chosen.reason, "training.gradient_checkpointing": why}
+        dump_config(recipe, work / "recipe.yaml", notes | ({"training.learning_rate": rate_why} if rate_why else {}))
     heads = task.head_modules(model)
     if recipe.tuning.method == "lora":
         model = task.wrap_lora(model, recipe.tuning, heads)

@@ -84,9 +84,10 @@ class Task:
     token_level: ClassVar[bool] = False  # outputs per token: parity is checked on real positions only
     predicts: ClassVar[bool] = True  # False for a bare encoder: nothing to decode
     searches: ClassVar[bool] = False  # a bi-encoder: `cmft predict --corpus` ranks documents with it
-    # The full-tuning rate measured for a real pretrained encoder where the recipe's (tuned on the tiny encoder
-    # `cmft pretrain` makes) is too high for one, and the evidence.
-    pretrained_encoder_rate: ClassVar[tuple[float, str] | None] = None
+    # `training.learning_rate: auto`: the encoder rate per encoder kind (`tiny`: the encoder `cmft pretrain` makes;
+    # `pretrained`: any other) and tuning method, as measured in benchmarks/README.md, "Learning rates".
+    learning_rates: ClassVar[dict[str, dict[str, float]]] = {"tiny": {"full": 3e-4, "lora": 1e-3},
+                                                             "pretrained": {"full": 3e-4, "lora": 1e-3}}  # fmt: skip
     auto_class: ClassVar[Any] = None
     throughput_unit: ClassVar[str] = "examples"
 

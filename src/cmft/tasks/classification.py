@@ -23,6 +23,7 @@ class ClassificationTask(Task):
     metric_for_best = "macro_f1"
     output_meaning = "[batch, labels] logits; softmax gives the class probabilities (labels in the manifest)"
     auto_class = AutoModelForSequenceClassification
+    learning_rates = {"tiny": {"full": 2e-4, "lora": 1e-3}, "pretrained": {"full": 2e-4, "lora": 1e-3}}
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)

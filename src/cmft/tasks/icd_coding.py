@@ -179,9 +179,7 @@ class IcdCodingTask(Task):
         "[batch, codes] probabilities (label-wise attention included); codes at or above the manifest's "
         "`threshold` are predicted"
     )
-    pretrained_encoder_rate = (
-        5e-5, "MiniLM-L6 on CodiEsp: micro F1 0.18-0.40 at 3e-4, 0.51-0.54 at 5e-5 over three seeds",
-    )  # fmt: skip
+    learning_rates = {"tiny": {"full": 3e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)

@@ -59,9 +59,7 @@ class RetrievalTask(Task):
     output = "embeddings"
     output_meaning = "[batch, dim] L2-normalised embeddings (the dot product is the cosine similarity)"
     searches = True
-    pretrained_encoder_rate = (
-        5e-5, "MiniLM-L6 on MTS-Dialog: ndcg@10 0.875-0.884 at 2e-4 over three seeds, 0.890-0.900 at 5e-5 over three",
-    )  # fmt: skip
+    learning_rates = {"tiny": {"full": 2e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
     throughput_unit = "texts"
 
     def __init__(self, recipe: Any = None):
