@@ -101,6 +101,7 @@ def test_sigkill_during_pretraining_then_resume_is_bitwise_identical(pretrain_re
     assert out.is_dir() and not partial.exists()
     _same_weights(reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
     _same_metrics(reference / "metrics.json", out / "metrics.json")
+    _same_card(reference, out)
 
 
 KILL_IN_CHECKPOINT = """
@@ -136,6 +137,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(pretrain_referenc
     assert "resuming from checkpoint-4" in result.stdout + result.stderr
     _same_weights(reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
     _same_metrics(reference / "metrics.json", out / "metrics.json")
+    _same_card(reference, out)
 
 
 @pytest.mark.slow
@@ -154,6 +156,7 @@ def test_sigkill_during_finetuning_then_resume_is_bitwise_identical(tiny_encoder
     assert result.returncode == 0, f"killed at step {step}: {result.stderr[-3000:]}"
     _same_weights(reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
     _same_metrics(reference / "metrics.json", out / "metrics.json")
+    _same_card(reference, out)
 
 
 @pytest.mark.parametrize("fault", ["nan", "blowup"])
@@ -186,3 +189,10 @@ def test_watchdog_stops_a_diverging_run_and_keeps_the_last_good_checkpoint(fault
     assert kept[-1].name == "checkpoint-6"
     for tensor in load_file(next(kept[-1].glob("*.safetensors"))).values():
         assert torch.isfinite(tensor).all()
+
+
+def _same_card(reference: Path, out: Path) -> None:
+    """The model card is deterministic: the same seed gives the same card, whatever the run folder's name."""
+    card = (reference / "model" / "README.md").read_text()
+    assert card == (out / "model" / "README.md").read_text()
+    assert str(reference.parent) not in card  # nothing of where the runs were made

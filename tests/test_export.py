@@ -17,6 +17,7 @@ from cmft.export import export_run
 from cmft.finetuning.run import finetune
 from cmft.inference import OnnxBackend, TorchBackend, load_export, load_run, predict_texts
 from cmft.tasks.ner import entities
+from tests.cards import check_card
 from tests.conftest import REPO, run_cmft, run_inline
 
 QUICK = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.threads=2"]
@@ -72,6 +73,39 @@ def test_pretrain_run_exports_the_encoder(tiny_encoder, tmp_path):
     folder, report = export_run(tiny_encoder.parent, tmp_path / "encoder")
     assert report["task"] == "encoder" and report["passed"]
     assert json.loads((folder / "cmft_export.json").read_text())["output"] == "last_hidden_state"
+    metrics = tiny_encoder.parent / "metrics.json"
+    filled = check_card(tiny_encoder, metrics)["transformers"]["best"]  # the fill-mask pipeline's top token
+    assert isinstance(filled, str) and filled.strip()
+    state = check_card(folder, metrics)["onnxruntime"]["last_hidden_state"]
+    hidden = json.loads((tiny_encoder / "config.json").read_text())["hidden_size"]
+    assert state.shape[0] == 1 and state.shape[2] == hidden
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_run_and_export_cards_parse_and_their_lines_agree(runs, exports, name):
+    """model/README.md and the export's README.md: Hugging Face cards with the run's metrics; the lines they give
+    (transformers, cmft, sentence-transformers; onnxruntime) run from inside the folder and give the same output for
+    the card's example."""
+    run = runs[name]
+    model = check_card(run / "model", run / "metrics.json")
+    onnx = check_card(exports[name], run / "metrics.json")["onnxruntime"]
+    card = (exports[name] / "README.md").read_text()
+    assert "## Export" in card and "Parity with PyTorch" in card
+    meta = json.loads((exports[name] / "cmft_export.json").read_text())
+    task = meta["task"]
+    if task in ("note_classification", "ner"):
+        lines = model["transformers"]
+        np.testing.assert_allclose(lines["logits"].detach().numpy(), onnx["logits"], atol=1e-4)
+        predicted = [lines["label"]] if task == "note_classification" else lines["tags"]
+        assert set(predicted) <= set(meta["labels"])
+    elif task == "icd_coding":
+        codes = model["cmft"]["codes"]
+        probabilities = onnx["probabilities"][0]
+        assert codes == {meta["labels"][j]: round(float(probabilities[j]), 4) for j in np.argsort(-probabilities)
+                         if probabilities[j] >= meta["threshold"]}  # fmt: skip
+    else:
+        np.testing.assert_allclose(model["sentence-transformers"]["embeddings"], onnx["embeddings"], atol=1e-4)
 
 
 def _test_texts(task: str) -> list[str]:

@@ -20,6 +20,7 @@ from cmft.finetuning.trainer import FinetuneTrainer, token_count
 from cmft.finetuning.validate import validate_recipe
 from cmft.paths import bundled_configs
 from cmft.tasks.icd_coding import IcdCoder, collate_notes, encode_note, normalize_code
+from tests.cards import check_card
 from tests.conftest import run_cmft
 
 SHORT = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.eval_batch_size=64"]
@@ -214,6 +215,12 @@ def test_lora_saves_merged_model_and_adapter_that_agree(tiny_encoder, tmp_path):
         assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-5)
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"Wqkv", "Wo", "Wi"} and "classifier" in config["modules_to_save"]
+    lines = check_card(run / "model", run / "metrics.json")  # the card's transformers and peft lines agree
+    peft_lines = lines["peft"]
+    with torch.no_grad():
+        unmerged = peft_lines["model"](**peft_lines["batch"]).logits
+    assert torch.allclose(unmerged, lines["transformers"]["logits"], atol=1e-5)
+    assert "lora" in (run / "model" / "README.md").read_text().split("---")[1]  # a front-matter tag
 
 
 @pytest.mark.slow
@@ -234,6 +241,8 @@ def test_icd_lora_adapter_includes_the_head(tiny_encoder, tmp_path):
                           merged.settings)  # fmt: skip
     with torch.no_grad():
         assert torch.allclose(merged(**batch)["logits"], adapted(**batch)["logits"], atol=1e-5)
+    lines = check_card(run / "model", run / "metrics.json")
+    assert lines["peft"]["codes"] == lines["cmft"]["codes"]
 
 
 def test_code_normalisation():

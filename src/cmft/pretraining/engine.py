@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from cmft import distributed
+from cmft.cards import write_model_card
 from cmft.checkpointing import resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
@@ -35,6 +36,7 @@ from cmft.pretraining.rows import Rows, read_corpus, streamed, training_data
 from cmft.pretraining.trainer import MaskedLMTrainer
 from cmft.pretraining.vocab import refine_tokenizer, save_tokenizer, tokens_per_word, train_tokenizer
 from cmft.runs import finish_run
+from cmft.tasks import BARE_ENCODER
 from cmft.tracking import trackers, tracking
 from cmft.training import (
     HistoryCallback,
@@ -421,6 +423,7 @@ def _save_outputs(setup: Setup, work: Path, metrics: dict, summary: dict) -> Non
     config_path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     (work / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_model_card(work, {"task": BARE_ENCODER, "max_length": int(setup.model.config.max_position_embeddings)})
     plot_history(
         read_history(work / "history.jsonl"),
         work / "plots" / "loss.png",

@@ -70,6 +70,23 @@ def load_pretrained(cls: Any, folder: Path, attention: str) -> nn.Module:
     return model.float().eval()
 
 
+CARD_EXAMPLE = "Type 2 diabetes mellitus with diabetic neuropathy; denies chest pain."  # made up, not a note
+TRANSFORMERS_USAGE = """from transformers import AutoTokenizer, {auto_class}
+
+tokenizer = AutoTokenizer.from_pretrained(".")
+model = {auto_class}.from_pretrained(".").eval()
+batch = tokenizer(["{example}"], return_tensors="pt")
+logits = model(**batch).logits
+{decode}"""
+TRANSFORMERS_ADAPTER = """from peft import PeftModel
+from transformers import AutoConfig, {auto_class}
+
+base = {auto_class}.from_pretrained("{base}", config=AutoConfig.from_pretrained("."))
+model = PeftModel.from_pretrained(base, "../adapter").eval()  # the adapter unmerged: the same outputs"""
+ONNX_FEED = """ids = ids[:{max_length}]
+feed = {{"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}}"""
+
+
 class Task:
     """Defaults for a transformers AutoModelFor<Task> head (`auto_class`); a task overrides what it does differently.
     Training: `prepare` fills `datasets[split]` (rows with `input_ids`, and `labels` for the trainer); `build_model`,
@@ -90,6 +107,15 @@ class Task:
                                                              "pretrained": {"full": 3e-4, "lora": 1e-3}}  # fmt: skip
     auto_class: ClassVar[Any] = None
     throughput_unit: ClassVar[str] = "examples"
+    # the model card (cmft.cards): what the model does, its Hugging Face pipeline tag and library, and the Python
+    # lines that load a run's model/ folder from inside it (library → lines) and put a LoRA run's ../adapter on its
+    # base encoder; placeholders: {example}, {base}, {auto_class}, {decode} and the manifest's keys
+    description: ClassVar[str] = ""
+    pipeline_tag: ClassVar[str] = "text-classification"
+    library_name: ClassVar[str] = "transformers"
+    card_usage: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS_USAGE}
+    card_adapter: ClassVar[str | None] = TRANSFORMERS_ADAPTER
+    card_decode: ClassVar[str] = ""  # how the transformers lines turn logits into a prediction
 
     def __init__(self, recipe: Any = None):
         self.recipe = recipe
@@ -245,5 +271,11 @@ class Task:
         return pad_rows(units, pad_id)  # a padded batch: int64 input_ids and attention_mask
 
     @classmethod
-    def input_shape(cls, meta: dict[str, Any]) -> str:  # the graph's input shape, for the export README
+    def input_shape(cls, meta: dict[str, Any]) -> str:  # the graph's input shape, for the export card
         return "[batch, sequence]"
+
+    # model card -------------------------------------------------------------------------------------------------
+    @classmethod
+    def card_onnx_feed(cls, meta: dict[str, Any]) -> str:
+        """Python lines that turn `ids` (one text's token ids) into the exported graph's `feed`."""
+        return ONNX_FEED.format(**meta)

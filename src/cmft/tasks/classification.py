@@ -23,6 +23,8 @@ class ClassificationTask(Task):
     metric_for_best = "macro_f1"
     output_meaning = "[batch, labels] logits; softmax gives the class probabilities (labels in the manifest)"
     auto_class = AutoModelForSequenceClassification
+    description = "Assigns each note (or note section) one class."
+    card_decode = "label = model.config.id2label[int(logits.argmax(-1)[0])]"
     learning_rates = {"tiny": {"full": 2e-4, "lora": 1e-3}, "pretrained": {"full": 2e-4, "lora": 1e-3}}
 
     def __init__(self, recipe: Any = None):

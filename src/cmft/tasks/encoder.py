@@ -18,6 +18,15 @@ class EncoderTask(Task):
     output_meaning = "[batch, sequence, hidden] the encoder's last hidden state"
     token_level = True
     predicts = False
+    description = "A masked-language-model encoder pretrained by `cmft pretrain`, to fine-tune with `cmft finetune`."
+    pipeline_tag = "fill-mask"
+    card_usage = {
+        "transformers": """from transformers import pipeline
+
+fill = pipeline("fill-mask", model=".")
+best = fill("{example}".replace("neuropathy", fill.tokenizer.mask_token))[0]["token_str"]"""
+    }
+    card_adapter = None
 
     @classmethod
     def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,27 @@ from cmft.errors import CmftError
 from cmft.heads import LabelAttentionHead, PooledHead
 from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
 from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
+from cmft.tasks.icd_labels import init_queries_from_descriptions, normalize_code, per_label_plot
 
 HEAD_WEIGHTS = "icd_head.safetensors"
 HEAD_CONFIG = "icd_coding.json"
-ICD10 = re.compile(r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$")
+CARD_ADAPTER = """from peft import PeftModel
+from transformers import AutoModel
 
+from cmft import IcdCoder
 
-def normalize_code(code: str, level: str = "code") -> str:
-    """Upper case with the ICD-10-CM dot (`e119`, `E119`, `e11.9` → `E11.9`); `category` keeps `E11`."""
-    code = code.strip().upper()
-    if ICD10.match(code):
-        code = code.replace(".", "")
-        code = code if len(code) <= 3 else f"{code[:3]}.{code[3:]}"
-    return code[:3] if level == "category" else code
+merged = IcdCoder.from_pretrained(".")  # for its settings (labels, threshold, head) and tokenizer
+coder = IcdCoder(AutoModel.from_pretrained("{base}"), merged.settings)
+coder.tokenizer = merged.tokenizer
+coder = PeftModel.from_pretrained(coder, "../adapter").eval()  # the adapter unmerged
+codes = coder.predict(["{example}"])[0]  # the same codes"""
+CARD_CHUNKED_FEED = """room, body = {icd[chunk_size]} - 2, ids[1:-1]  # chunks of [CLS] … [SEP]
+chunks = [[ids[0], *body[i : i + room], ids[-1]] for i in range(0, max(len(body), 1), room)][:{icd[max_chunks]}]
+rows = np.zeros((1, len(chunks), {icd[chunk_size]}), dtype=np.int64)
+mask = np.zeros_like(rows)
+for c, chunk in enumerate(chunks):
+    rows[0, c, : len(chunk)], mask[0, c, : len(chunk)] = chunk, 1
+feed = {{"input_ids": rows, "attention_mask": mask}}"""
 
 
 class IcdCoder(nn.Module):
@@ -180,6 +187,15 @@ class IcdCodingTask(Task):
         "`threshold` are predicted"
     )
     learning_rates = {"tiny": {"full": 3e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
+    description = "Assigns each note its ICD codes (multi-label), those at or above a threshold tuned on dev."
+    library_name = "cmft"
+    card_usage = {
+        "cmft": """from cmft import IcdCoder
+
+coder = IcdCoder.from_pretrained(".")
+codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the tuned threshold"""
+    }
+    card_adapter = CARD_ADAPTER
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)
@@ -263,7 +279,7 @@ class IcdCodingTask(Task):
         with torch.no_grad():
             coder.head.output_bias.copy_(torch.tensor(np.log(prior / (1 - prior)), dtype=torch.float32))
         if self.options.init_from_descriptions and self.options.head == "label_attention":
-            _init_queries_from_descriptions(coder, AutoTokenizer.from_pretrained(encoder), self.labels)
+            init_queries_from_descriptions(coder, AutoTokenizer.from_pretrained(encoder), self.labels)
         return coder
 
     def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
@@ -311,7 +327,7 @@ class IcdCodingTask(Task):
 
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         labels = np.stack([row["labels"] for row in self.datasets[split]])
-        _per_label_plot(
+        per_label_plot(
             per_label_precision_recall(labels, np.stack(outputs).astype(np.float64), self.threshold),
             plots / "per_label_precision_recall.png",
         )
@@ -362,6 +378,10 @@ class IcdCodingTask(Task):
         )
 
     @classmethod
+    def card_onnx_feed(cls, meta: dict[str, Any]) -> str:
+        return CARD_CHUNKED_FEED.format(**meta) if meta["icd"]["mode"] == "chunked" else super().card_onnx_feed(meta)
+
+    @classmethod
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
         probabilities = outputs[0]
         order = np.argsort(-probabilities, kind="stable")
@@ -373,50 +393,3 @@ class IcdCodingTask(Task):
 def _meta(max_length: int, settings: dict[str, Any]) -> dict[str, Any]:
     return {"task": IcdCodingTask.name, "max_length": max_length, "labels": settings["labels"],
             "threshold": settings["threshold"], "icd": settings}  # fmt: skip
-
-
-def _init_queries_from_descriptions(coder: IcdCoder, tokenizer, labels: list[str]) -> None:
-    """Label query u_l ← tanh(W · mean-pooled encoding of the code's ICD-10-CM description) (when known)."""
-    from cmft.paths import bundled_file
-
-    descriptions: dict[str, str] = {}
-    import csv
-    import gzip
-
-    with gzip.open(bundled_file("data/icd_codes/icd10cm_2024_codes.tsv.gz"), "rt", encoding="utf-8") as handle:
-        for code, text in csv.reader(handle, delimiter="\t"):
-            descriptions.setdefault(normalize_code(code), text)
-            descriptions.setdefault(normalize_code(code, "category"), text)
-    known = [(i, descriptions[c]) for i, c in enumerate(labels) if c in descriptions]
-    if not known:
-        return
-    with torch.no_grad():
-        for start in range(0, len(known), 64):
-            rows = known[start : start + 64]
-            batch = tokenizer([t for _, t in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            states = coder.encoder(**batch).last_hidden_state
-            weights = batch["attention_mask"][..., None].float()
-            pooled = (states * weights).sum(1) / weights.sum(1)
-            queries = torch.tanh(coder.head.project(pooled))
-            scale = coder.head.label_queries.weight.norm(dim=1).mean() / queries.norm(dim=1).clamp_min(1e-6)
-            coder.head.label_queries.weight[[i for i, _ in rows]] = queries * scale[:, None]
-
-
-def _per_label_plot(values: dict[str, np.ndarray], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = np.argsort(-values["support"])
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot(values["precision"][order], ".", label="precision", alpha=0.7)
-    ax.plot(values["recall"][order], ".", label="recall", alpha=0.7)
-    ax.set_xlabel("labels, most frequent first")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend()
-    ax.set_title(f"per-label precision / recall ({len(order)} labels)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -82,6 +82,9 @@ class NerTask(Task):
     output_meaning = "[batch, sequence, tags] logits per token; a word's tag is argmax at its first sub-token"
     token_level = True
     auto_class = AutoModelForTokenClassification
+    description = "Tags entity mentions token by token (IOB2), reading long texts in overlapping windows."
+    pipeline_tag = "token-classification"
+    card_decode = "tags = [model.config.id2label[i] for i in logits.argmax(-1)[0].tolist()]  # one per sub-token"
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)

@@ -20,19 +20,19 @@ from cmft.metrics import rank, retrieval_metrics
 from cmft.tasks.base import Task, Unit, cut_to, load_pretrained
 
 log = logging.getLogger("cmft")
-MODEL_CARD = """# cmft bi-encoder
+CARD_USAGE = """from sentence_transformers import SentenceTransformer
 
-Trained with `cmft finetune` (task: retrieval). Embeddings are {pooling}-pooled and L2-normalised, so the dot
-product is the cosine similarity.
+model = SentenceTransformer(".", device="cpu")
+embeddings = model.encode(["{example}"])  # {pooling}-pooled, L2-normalised: dot product = cosine"""
+CARD_ADAPTER = """import torch
+from peft import PeftModel
+from transformers import AutoModel, AutoTokenizer
 
-```python
-from sentence_transformers import SentenceTransformer
-model = SentenceTransformer("path/to/model")
-embeddings = model.encode(["query or document text"])
-```
-
-The encoder alone loads with `transformers.AutoModel.from_pretrained("path/to/model")`.
-"""
+tokenizer = AutoTokenizer.from_pretrained(".")
+encoder = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "../adapter").eval()  # unmerged
+states = encoder(**tokenizer(["{example}"], return_tensors="pt")).last_hidden_state
+pooled = states.mean(1) if "{pooling}" == "mean" else states[:, 0]  # one text: no padding to mask
+embedding = torch.nn.functional.normalize(pooled, dim=-1)  # the same as model.encode"""
 
 
 class EmbeddingModule(nn.Module):
@@ -61,6 +61,11 @@ class RetrievalTask(Task):
     searches = True
     learning_rates = {"tiny": {"full": 2e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
     throughput_unit = "texts"
+    description = "Embeds queries and documents (a bi-encoder) so that relevant pairs score high."
+    pipeline_tag = "sentence-similarity"
+    library_name = "sentence-transformers"
+    card_usage = {"sentence-transformers": CARD_USAGE}
+    card_adapter = CARD_ADAPTER
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)
@@ -148,9 +153,9 @@ class RetrievalTask(Task):
         return EmbeddingModule(model[0].model, self.settings.pooling)
 
     def save(self, model: nn.Module, tokenizer, folder: Path) -> None:
-        """Save without sentence-transformers' generated card: it quotes training examples (note text)."""
+        """Save without sentence-transformers' generated card: it quotes training examples (note text); the engine
+        writes cmft's card (cmft.cards)."""
         model.save_pretrained(str(folder), create_model_card=False)
-        (folder / "README.md").write_text(MODEL_CARD.format(pooling=self.settings.pooling), encoding="utf-8")
         evaluator_folder = folder.parent / "checkpoints" / "eval"  # the trainer's; cmft's evaluator writes nothing
         if evaluator_folder.is_dir() and not any(evaluator_folder.iterdir()):
             evaluator_folder.rmdir()
