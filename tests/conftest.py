@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +110,55 @@ def run_inline(capsys, *args: str) -> tuple[int, str, str]:
         sys.argv = saved
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# One small run of every head (and its ONNX export), shared by the export and serving tests.
+QUICK = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.threads=2"]
+RUNS = {
+    "note_classification": ["note_classification"],
+    "ner": ["ner"],
+    "icd_coding": ["icd_coding", "icd_coding.attention_dim=32"],
+    "icd_chunked": [
+        "icd_coding",
+        "icd_coding.mode=chunked",
+        "icd_coding.chunk_size=128",
+        "icd_coding.max_chunks=3",
+        "training.max_length=384",
+        "icd_coding.attention_dim=32",
+    ],  # fmt: skip
+    "retrieval": ["retrieval"],
+}
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_encoder, tmp_path_factory) -> dict[str, Path]:
+    from cmft.finetuning.run import finetune
+
+    root = tmp_path_factory.mktemp("heads")
+    return {name: finetune(recipe, [f"model.encoder={tiny_encoder}", *QUICK, *extra], output_dir=root / name)
+            for name, (recipe, *extra) in RUNS.items()}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def exports(runs, tmp_path_factory) -> dict[str, Path]:
+    from cmft.export import export_run
+
+    root = tmp_path_factory.mktemp("exports")
+    return {name: export_run(run, root / name)[0] for name, run in runs.items()}
+
+
+def bundled_test_texts(task: str) -> list[str]:
+    """The bundled test split of each recipe, as the raw texts a user would send."""
+    from cmft.data.ner import read_conll
+
+    if task == "note_classification":
+        with open(REPO / "data/mts_dialog/test1.csv", encoding="utf-8", newline="") as handle:
+            return [row["section_text"] for row in csv.DictReader(handle)]
+    if task == "retrieval":
+        with open(REPO / "data/mts_dialog/test1.csv", encoding="utf-8", newline="") as handle:
+            return [row["dialogue"] for row in csv.DictReader(handle)]
+    if task == "ner":
+        sentences, _ = read_conll(REPO / "data/ncbi_disease/test.tsv")
+        return [" ".join(words) for words, _ in sentences]
+    with open(REPO / "data/codiesp/test.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle]

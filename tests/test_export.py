@@ -3,51 +3,18 @@ bundled test splits, int8 records its metric cost, and bad input gives one line 
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cmft.data.ner import read_conll
 from cmft.evaluation import evaluate_loaded
 from cmft.export import export_run
-from cmft.finetuning.run import finetune
 from cmft.inference import OnnxBackend, TorchBackend, load_export, load_run, predict_texts
 from cmft.tasks.ner import entities
 from tests.cards import check_card
-from tests.conftest import REPO, run_cmft, run_inline
-
-QUICK = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.threads=2"]
-RUNS = {
-    "note_classification": ["note_classification"],
-    "ner": ["ner"],
-    "icd_coding": ["icd_coding", "icd_coding.attention_dim=32"],
-    "icd_chunked": [
-        "icd_coding",
-        "icd_coding.mode=chunked",
-        "icd_coding.chunk_size=128",
-        "icd_coding.max_chunks=3",
-        "training.max_length=384",
-        "icd_coding.attention_dim=32",
-    ],  # fmt: skip
-    "retrieval": ["retrieval"],
-}
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_encoder, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("heads")
-    return {name: finetune(recipe, [f"model.encoder={tiny_encoder}", *QUICK, *extra], output_dir=root / name)
-            for name, (recipe, *extra) in RUNS.items()}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def exports(runs, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("exports")
-    return {name: export_run(run, root / name)[0] for name, run in runs.items()}
+from tests.conftest import RUNS, bundled_test_texts, run_cmft, run_inline
 
 
 @pytest.mark.slow
@@ -108,27 +75,12 @@ def test_run_and_export_cards_parse_and_their_lines_agree(runs, exports, name):
         np.testing.assert_allclose(model["sentence-transformers"]["embeddings"], onnx["embeddings"], atol=1e-4)
 
 
-def _test_texts(task: str) -> list[str]:
-    """The bundled test split of each recipe, as the raw texts a user would send."""
-    if task == "note_classification":
-        with open(REPO / "data/mts_dialog/test1.csv", encoding="utf-8", newline="") as handle:
-            return [row["section_text"] for row in csv.DictReader(handle)]
-    if task == "retrieval":
-        with open(REPO / "data/mts_dialog/test1.csv", encoding="utf-8", newline="") as handle:
-            return [row["dialogue"] for row in csv.DictReader(handle)]
-    if task == "ner":
-        sentences, _ = read_conll(REPO / "data/ncbi_disease/test.tsv")
-        return [" ".join(words) for words, _ in sentences]
-    with open(REPO / "data/codiesp/test.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_torch_and_onnx_predictions_agree_on_the_test_split(runs, exports, name):
     run, folder = load_run(runs[name]), load_export(exports[name])
     task = run.task.name
-    texts = _test_texts(task)
+    texts = bundled_test_texts(task)
     torch_results, torch_counts = predict_texts(run, TorchBackend(run.module), texts, batch_size=16)
     onnx_results, onnx_counts = predict_texts(folder, OnnxBackend(exports[name] / "model.onnx"), texts, 16)
     assert torch_counts == onnx_counts

@@ -151,6 +151,30 @@ def predict(
 
 
 @app.command()
+def serve(
+    source: Annotated[Path, typer.Argument(help="A fine-tuning run folder or an export folder.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Serve the ONNX export (of a run: export/<name>).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="With --onnx: the int8 model.")] = False,
+    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass at most.")] = 16384,
+    max_batch_size: Annotated[int, typer.Option(help="Rows (texts or windows) per forward pass at most.")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
+    batching: Annotated[bool, typer.Option(help="--no-batching: one request per forward pass.")] = True,
+    api_key_file: Annotated[Path | None, typer.Option(help="Require this file's key as a Bearer token.")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="Retrieval: documents for /search (jsonl or text lines).")] = None,
+    max_texts: Annotated[int, typer.Option(help="Texts per request at most (more: 413).")] = 256,
+    max_body_mb: Annotated[float, typer.Option(help="Request body size limit in MiB (more: 413).")] = 8.0,
+) -> None:
+    """An HTTP service for the model: POST /predict, /search; GET /health, /ready, /info, /metrics, /docs."""
+    from cmft.serving.run import serve as run_serve
+
+    run_serve(source, host, port, onnx=onnx, int8=int8, max_batch_tokens=max_batch_tokens,
+              max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=batching, api_key_file=api_key_file,
+              corpus=corpus, max_texts=max_texts, max_body_mb=max_body_mb)  # fmt: skip
+
+
+@app.command()
 def export(
     run_dir: Annotated[Path | None, typer.Argument(help="Run folder (default: runs/finetune/latest).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the only format).")] = False,

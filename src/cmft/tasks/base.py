@@ -21,6 +21,8 @@ class Unit:
     input_ids: Any
     """A list of ids, or (chunked ICD notes) a list of chunks."""
     window: dict | None = None
+    truncated: bool = False
+    """The text was cut to fit the model (never set for NER windows, which keep everything)."""
 
     @property
     def length(self) -> int:
@@ -101,6 +103,8 @@ class Task:
     token_level: ClassVar[bool] = False  # outputs per token: parity is checked on real positions only
     predicts: ClassVar[bool] = True  # False for a bare encoder: nothing to decode
     searches: ClassVar[bool] = False  # a bi-encoder: `cmft predict --corpus` ranks documents with it
+    windowed: ClassVar[bool] = False  # long texts become several windows (units), each predicted
+    decode_options: ClassVar[dict[str, type]] = {}  # per-request overrides `decode` reads from the manifest
     # `training.learning_rate: auto`: the encoder rate per encoder kind (`tiny`: the encoder `cmft pretrain` makes;
     # `pretrained`: any other) and tuning method, as measured in benchmarks/README.md, "Learning rates".
     learning_rates: ClassVar[dict[str, dict[str, float]]] = {"tiny": {"full": 3e-4, "lora": 1e-3},
@@ -263,7 +267,7 @@ class Task:
         """Model input rows for raw texts, and counts of what was truncated or windowed (never silently)."""
         limit = int(meta["max_length"])
         encoded = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        units = [Unit(index, cut_to(ids, limit)) for index, ids in enumerate(encoded)]
+        units = [Unit(index, cut_to(ids, limit), truncated=len(ids) > limit) for index, ids in enumerate(encoded)]
         return units, {"n_truncated": sum(len(ids) > limit for ids in encoded), "n_windowed": 0}
 
     @classmethod

@@ -187,6 +187,7 @@ class IcdCodingTask(Task):
         "`threshold` are predicted"
     )
     learning_rates = {"tiny": {"full": 3e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
+    decode_options = {"threshold": float, "top_k": int}  # a request may set its own (cmft serve)
     description = "Assigns each note its ICD codes (multi-label), those at or above a threshold tuned on dev."
     library_name = "cmft"
     card_usage = {
@@ -351,7 +352,7 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
         for index, text in enumerate(texts):
             ids, cut = encode_note(tokenizer, text, meta["icd"])
             truncated += cut
-            units.append(Unit(index, ids))
+            units.append(Unit(index, ids, truncated=cut))
         return units, {"n_truncated": truncated, "n_windowed": 0}
 
     @classmethod
@@ -387,7 +388,7 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
         order = np.argsort(-probabilities, kind="stable")
         codes = [{"code": meta["labels"][j], "probability": round(float(probabilities[j]), 6)}
                  for j in order if probabilities[j] >= meta["threshold"]]  # fmt: skip
-        return {"codes": codes}
+        return {"codes": codes[: meta["top_k"]] if meta.get("top_k") else codes}
 
 
 def _meta(max_length: int, settings: dict[str, Any]) -> dict[str, Any]:

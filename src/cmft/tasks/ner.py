@@ -81,6 +81,7 @@ class NerTask(Task):
     metric_for_best = "f1"
     output_meaning = "[batch, sequence, tags] logits per token; a word's tag is argmax at its first sub-token"
     token_level = True
+    windowed = True
     auto_class = AutoModelForTokenClassification
     description = "Tags entity mentions token by token (IOB2), reading long texts in overlapping windows."
     pipeline_tag = "token-classification"

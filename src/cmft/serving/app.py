@@ -1,0 +1,227 @@
+"""The `cmft serve` application (FastAPI): /predict, /search, /health, /ready, /info, /metrics.
+
+Every head is served through its task's own encode/collate/decode (cmft.tasks), as `cmft predict` runs it, so the
+two agree. Texts never reach a log line or an error body: logs carry a request id, sizes and timings only.
+"""
+
+import hmac
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
+
+from cmft.inference import Backend, Loaded
+from cmft.serving.batcher import Batcher, Limits
+from cmft.serving.metrics import Metrics
+from cmft.version import __version__
+
+log = logging.getLogger("cmft.serve")
+OPEN_PATHS = {"/health", "/ready"}  # answered without the API key (load balancers, orchestrators)
+
+
+@dataclass
+class Settings:
+    limits: Limits
+    max_texts: int = 256
+    max_body_bytes: int = 8 * 2**20
+    api_key: str | None = None
+    backend_name: str = "torch"
+    corpus: tuple[list[str], np.ndarray] | None = None  # (document ids, their normalised embeddings)
+
+
+class TextsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr | list[StrictStr] = Field(description="One text or a list of texts.")
+
+    @field_validator("text")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("needs at least one text")
+        if any(not text.strip() for text in texts):
+            raise ValueError("a text is empty")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+class SearchRequest(TextsRequest):
+    top_k: int = Field(10, ge=1, le=1000, description="Hits per text.")
+
+
+def predict_request(loaded: Loaded) -> type[TextsRequest]:
+    """/predict's body: texts plus the task's own per-request options (ICD coding: threshold, top_k)."""
+    options = {name: (kind | None, Field(None, gt=0)) for name, kind in loaded.task.decode_options.items()}
+    return create_model("PredictRequest", __base__=TextsRequest, **options)
+
+
+def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    batcher = Batcher(loaded, backend, settings.limits, metrics.observe)
+    task = loaded.task
+    Predict = predict_request(loaded)  # noqa: N806 (a class)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        app.state.ready = True
+        yield
+        app.state.ready = False
+        await batcher.stop()
+
+    app = FastAPI(title="cmft serve", version=__version__, lifespan=lifespan,
+                  description=f"A cmft {task.name} model over HTTP.")  # fmt: skip
+    app.state.ready = False
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer …)",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    guarded = [Depends(authorize)]
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        request.state.id = uuid.uuid4().hex[:12]
+        request.state.texts = 0
+        if _too_large(request, settings.max_body_bytes):
+            response: Response = _error(413, f"request body over {settings.max_body_bytes} bytes")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # noqa: BLE001 (anything unexpected: 500, and the service goes on)
+                log.error("request %s failed: %s", request.state.id, type(exc).__name__)
+                response = _error(500, "internal error")
+        seconds = time.perf_counter() - started
+        path = request.url.path
+        metrics.request(path, response.status_code, seconds)
+        response.headers["X-Request-ID"] = request.state.id
+        log.info("request %s %s %s %d texts=%d bytes=%s ms=%.1f", request.state.id, request.method, path,
+                 response.status_code, request.state.texts, request.headers.get("content-length", "0"),
+                 seconds * 1000)  # fmt: skip
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [{"field": _field(error), "problem": error["msg"]} for error in exc.errors()]  # never its input
+        metrics.error("invalid_request")
+        return JSONResponse({"error": "invalid request", "fields": fields}, status_code=422)
+
+    async def run_texts(request: Request, texts: list[str], meta: dict[str, Any]) -> list[tuple[list, list]]:
+        if len(texts) > settings.max_texts:
+            raise HTTPException(413, f"{len(texts)} texts in one request; at most {settings.max_texts}")
+        request.state.texts = len(texts)
+        units, _ = await run_in_threadpool(task.encode, loaded.tokenizer, texts, meta)
+        try:
+            outputs = await batcher.run(units)
+        except Exception as exc:
+            metrics.error("batch_failed")
+            raise HTTPException(500, "the model failed on the batch holding this request") from exc
+        by_text: list[tuple[list, list]] = [([], []) for _ in texts]
+        for unit, output in zip(units, outputs, strict=True):
+            by_text[unit.text][0].append(output)
+            by_text[unit.text][1].append(unit)
+        return by_text
+
+    def flags(units: list) -> dict[str, Any]:
+        found: dict[str, Any] = {"truncated": any(unit.truncated for unit in units)}
+        if task.windowed:
+            found["windows"] = len(units)
+        return found
+
+    @app.post("/predict", dependencies=guarded)
+    async def predict(request: Request, body: Predict) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Per text, the JSON of `cmft predict` plus `truncated` (and `windows` for NER)."""
+        options = {name: getattr(body, name) for name in task.decode_options if getattr(body, name) is not None}
+        meta = {**loaded.meta, **options}
+        texts = body.texts
+        by_text = await run_texts(request, texts, meta)
+
+        def decode() -> list[dict[str, Any]]:
+            return [{**task.decode(meta, text, outputs, units), **flags(units)}
+                    for text, (outputs, units) in zip(texts, by_text, strict=True)]  # fmt: skip
+
+        return {"predictions": await run_in_threadpool(decode)}
+
+    @app.post("/search", dependencies=guarded)
+    async def search(request: Request, body: SearchRequest) -> dict[str, Any]:
+        """The top_k documents of the corpus (`--corpus`) for each text, by cosine similarity."""
+        if settings.corpus is None:
+            raise HTTPException(404, "no corpus loaded: start cmft serve with --corpus on a retrieval model")
+        by_text = await run_texts(request, body.texts, loaded.meta)
+        names, documents = settings.corpus
+
+        def rank() -> list[dict[str, Any]]:
+            query = np.stack([np.asarray(outputs[0], dtype=np.float32) for outputs, _ in by_text])
+            scores = query @ documents.T
+            k = min(body.top_k, len(names))
+            results = []
+            for row, (_, units) in zip(scores, by_text, strict=True):
+                order = np.argsort(-row, kind="stable")[:k]
+                results.append({"hits": [{"id": names[j], "score": round(float(row[j]), 6)} for j in order],
+                                **flags(units)})  # fmt: skip
+            return results
+
+        return {"results": await run_in_threadpool(rank)}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """The model is loaded and the batcher runs."""
+        if not app.state.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/info", dependencies=guarded)
+    async def info() -> dict[str, Any]:
+        """Task, labels, maximum length, backend and version."""
+        return {"task": task.name, "labels": loaded.meta.get("labels", []), "max_length": loaded.meta["max_length"],
+                "backend": settings.backend_name, "provider": getattr(backend, "provider", None),
+                "version": __version__, "search": settings.corpus is not None,
+                "options": sorted(task.decode_options), "max_texts": settings.max_texts,
+                "batching": settings.limits.__dict__}  # fmt: skip
+
+    @app.get("/metrics", dependencies=guarded)
+    async def prometheus() -> Response:
+        """Prometheus text format: requests, latency, batch sizes, queue depth, errors."""
+        metrics.observe("queue_depth", batcher.depth)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+def _too_large(request: Request, limit: int) -> bool:
+    length = request.headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) > limit
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+def _field(error: dict[str, Any]) -> str:
+    """The request field a validation error is about (`text`, `text.1`, `top_k`), or `body` for unreadable JSON."""
+    if error.get("type") == "json_invalid":
+        return "body"
+    return ".".join(str(part) for part in error["loc"] if part != "body") or "body"

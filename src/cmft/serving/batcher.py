@@ -1,0 +1,166 @@
+"""Dynamic batching for `cmft serve`: requests queue up and their texts' model rows (units) are run together.
+
+A batch is gathered until its rows hold `max_batch_tokens` tokens or the oldest request has waited `max_wait_ms`;
+its rows are then length-sorted and cut into forward passes of at most `max_batch_tokens` padded tokens and
+`max_batch_size` rows, run one at a time on a single worker thread (the model is never called concurrently). A pass
+that fails fails the requests with rows in it and no others. With batching off each request runs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cmft.inference import Backend, Loaded
+from cmft.tasks.base import Unit
+
+log = logging.getLogger("cmft.serve")
+
+
+@dataclass
+class Job:
+    """One request's rows, and where their outputs go."""
+
+    units: list[Unit]
+    future: asyncio.Future
+    outputs: list[Any] = field(default_factory=list)
+    failed: BaseException | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(unit.length for unit in self.units)
+
+
+@dataclass
+class Limits:
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    batching: bool = True
+
+
+class Batcher:
+    """Queue → gathered batch → forward passes on one thread → each request's outputs, in its rows' order."""
+
+    def __init__(self, loaded: Loaded, backend: Backend, limits: Limits,
+                 observe: Callable[[str, float], None] | None = None):  # fmt: skip
+        self.loaded, self.backend, self.limits = loaded, backend, limits
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmft-model")
+        self.observe = observe or (lambda name, value: None)
+        self.task: asyncio.Task | None = None
+        self.busy = 0  # requests taken from the queue and not answered yet
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """After the server drained its requests: stop the loop and the worker thread."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    async def run(self, units: list[Unit]) -> list[Any]:
+        """The outputs of `units` (one request's rows), computed in some batch."""
+        if not units:
+            return []
+        job = Job(units, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        self.observe("queue_depth", self.depth)
+        return await job.future
+
+    # the loop ---------------------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            jobs = await self._gather()
+            self.busy += len(jobs)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.executor, self._compute, jobs)
+            except BaseException as exc:  # the executor itself failed: answer everyone, keep serving
+                for job in jobs:
+                    job.failed = job.failed or exc
+            finally:
+                self.busy -= len(jobs)
+            for job in jobs:
+                if job.future.done():
+                    continue
+                if job.failed is not None:
+                    job.future.set_exception(job.failed)
+                else:
+                    job.future.set_result(job.outputs)
+            self.observe("queue_depth", self.depth)
+
+    async def _gather(self) -> list[Job]:
+        jobs = [await self.queue.get()]
+        if not self.limits.batching:
+            return jobs
+        tokens = jobs[0].tokens
+        deadline = time.monotonic() + self.limits.max_wait_ms / 1000
+        while tokens < self.limits.max_batch_tokens:
+            if self.queue.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), left)
+                except TimeoutError:
+                    break
+            else:
+                job = self.queue.get_nowait()
+            jobs.append(job)
+            tokens += job.tokens
+        return jobs
+
+    def _compute(self, jobs: list[Job]) -> None:
+        """On the worker thread: every row of `jobs` in length-sorted passes within the limits."""
+        rows = [(j, k) for j, job in enumerate(jobs) for k in range(len(job.units))]
+        rows.sort(key=lambda row: jobs[row[0]].units[row[1]].length)
+        for job in jobs:
+            job.outputs = [None] * len(job.units)
+        for batch in self._passes(rows, jobs):
+            units = [jobs[j].units[k] for j, k in batch]
+            owners = {j for j, _ in batch}
+            if all(jobs[j].failed is not None for j in owners):
+                continue
+            try:
+                ids, mask = self.loaded.task.collate(units, self.loaded.pad_id, self.loaded.meta)
+                started = time.perf_counter()
+                result = np.asarray(self.backend(ids, mask))
+                self.observe("forward_seconds", time.perf_counter() - started)
+                self.observe("batch_texts", len(units))
+                self.observe("batch_tokens", int(ids.size))
+            except Exception as exc:
+                log.error("a forward pass of %d rows failed (%s); its %d requests get 500", len(units),
+                          type(exc).__name__, len(owners))  # fmt: skip
+                for j in owners:
+                    jobs[j].failed = exc
+                continue
+            for row, (j, k) in enumerate(batch):
+                jobs[j].outputs[k] = result[row]
+
+    def _passes(self, rows: list[tuple[int, int]], jobs: list[Job]) -> list[list[tuple[int, int]]]:
+        """Consecutive length-sorted rows, cut where the padded size would pass the token or row limit."""
+        passes: list[list[tuple[int, int]]] = []
+        current: list[tuple[int, int]] = []
+        for row in rows:
+            length = jobs[row[0]].units[row[1]].length
+            if current and ((len(current) + 1) * length > self.limits.max_batch_tokens
+                            or len(current) >= self.limits.max_batch_size):  # fmt: skip
+                passes.append(current)
+                current = []
+            current.append(row)
+        if current:
+            passes.append(current)
+        return passes
