@@ -96,27 +96,7 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
 
     guarded = [Depends(authorize)]
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        request.state.id = uuid.uuid4().hex[:12]
-        request.state.texts = 0
-        if _too_large(request, settings.max_body_bytes):
-            response: Response = _error(413, f"request body over {settings.max_body_bytes} bytes")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # noqa: BLE001 (anything unexpected: 500, and the service goes on)
-                log.error("request %s failed: %s", request.state.id, type(exc).__name__)
-                response = _error(500, "internal error")
-        seconds = time.perf_counter() - started
-        path = request.url.path
-        metrics.request(path, response.status_code, seconds)
-        response.headers["X-Request-ID"] = request.state.id
-        log.info("request %s %s %s %d texts=%d bytes=%s ms=%.1f", request.state.id, request.method, path,
-                 response.status_code, request.state.texts, request.headers.get("content-length", "0"),
-                 seconds * 1000)  # fmt: skip
-        return response
+    app.add_middleware(Observe, metrics=metrics, max_body_bytes=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -211,11 +191,6 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
     return app
 
 
-def _too_large(request: Request, limit: int) -> bool:
-    length = request.headers.get("content-length")
-    return length is not None and length.isdigit() and int(length) > limit
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
@@ -225,3 +200,42 @@ def _field(error: dict[str, Any]) -> str:
     if error.get("type") == "json_invalid":
         return "body"
     return ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+
+
+class Observe:
+    """ASGI middleware: a request id (X-Request-ID), the body-size limit (413; a POST must say its length, 411),
+    metrics and one log line per request with sizes and timings only."""
+
+    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int):
+        self.app, self.metrics, self.limit = app, metrics, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["id"], state["texts"] = uuid.uuid4().hex[:12], 0
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"").decode()
+        status = 500
+
+        async def reply(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", state["id"].encode())]
+            await send(message)
+
+        try:
+            if scope["method"] == "POST" and not length.isdigit():
+                await _error(411, "a POST needs a Content-Length header")(scope, receive, reply)
+            elif length.isdigit() and int(length) > self.limit:
+                await _error(413, f"request body over {self.limit} bytes")(scope, receive, reply)
+            else:
+                await self.app(scope, receive, reply)
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.request(scope["path"], status, seconds)
+            log.info("request %s %s %s %d texts=%d bytes=%s ms=%.1f", state["id"], scope["method"], scope["path"],
+                     status, state["texts"], length or "0", seconds * 1000)  # fmt: skip

@@ -32,6 +32,7 @@ class Job:
     future: asyncio.Future
     outputs: list[Any] = field(default_factory=list)
     failed: BaseException | None = None
+    missing: int = 0  # rows not computed yet
 
     @property
     def tokens(self) -> int:
@@ -40,9 +41,13 @@ class Job:
 
 @dataclass
 class Limits:
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 64
-    max_wait_ms: float = 5.0
+    """Defaults measured on 2 CPU cores (benchmarks/README.md, Serving): a forward pass costs the same per text from
+    1 to 16 rows there, so passes stay small and nothing waits on purpose (requests that queue during a pass form
+    the next one). On a GPU raise all three."""
+
+    max_batch_tokens: int = 4096
+    max_batch_size: int = 16
+    max_wait_ms: float = 0.0
     batching: bool = True
 
 
@@ -93,13 +98,8 @@ class Batcher:
                     job.failed = job.failed or exc
             finally:
                 self.busy -= len(jobs)
-            for job in jobs:
-                if job.future.done():
-                    continue
-                if job.failed is not None:
-                    job.future.set_exception(job.failed)
-                else:
-                    job.future.set_result(job.outputs)
+            for job in jobs:  # those not answered from the worker already
+                _answer(job)
             self.observe("queue_depth", self.depth)
 
     async def _gather(self) -> list[Job]:
@@ -127,8 +127,9 @@ class Batcher:
         """On the worker thread: every row of `jobs` in length-sorted passes within the limits."""
         rows = [(j, k) for j, job in enumerate(jobs) for k in range(len(job.units))]
         rows.sort(key=lambda row: jobs[row[0]].units[row[1]].length)
+        loop = jobs[0].future.get_loop()
         for job in jobs:
-            job.outputs = [None] * len(job.units)
+            job.outputs, job.missing = [None] * len(job.units), len(job.units)
         for batch in self._passes(rows, jobs):
             units = [jobs[j].units[k] for j, k in batch]
             owners = {j for j, _ in batch}
@@ -146,9 +147,13 @@ class Batcher:
                           type(exc).__name__, len(owners))  # fmt: skip
                 for j in owners:
                     jobs[j].failed = exc
+                    loop.call_soon_threadsafe(_answer, jobs[j])
                 continue
             for row, (j, k) in enumerate(batch):
                 jobs[j].outputs[k] = result[row]
+                jobs[j].missing -= 1
+                if jobs[j].missing == 0:  # answered now, not after the other passes of this batch
+                    loop.call_soon_threadsafe(_answer, jobs[j])
 
     def _passes(self, rows: list[tuple[int, int]], jobs: list[Job]) -> list[list[tuple[int, int]]]:
         """Consecutive length-sorted rows, cut where the padded size would pass the token or row limit."""
@@ -164,3 +169,13 @@ class Batcher:
         if current:
             passes.append(current)
         return passes
+
+
+def _answer(job: Job) -> None:
+    """On the event loop: the request's outputs, or its pass's failure (once)."""
+    if job.future.done():
+        return
+    if job.failed is not None:
+        job.future.set_exception(job.failed)
+    elif job.missing == 0:
+        job.future.set_result(job.outputs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import signal
 import socket
@@ -53,10 +54,11 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(source: Path, host: str = "127.0.0.1", port: int = 8080, onnx: bool = False, int8: bool = False,
-          max_batch_tokens: int = 16384, max_batch_size: int = 64, max_wait_ms: float = 5.0, batching: bool = True,
+          max_batch_tokens: int = 4096, max_batch_size: int = 16, max_wait_ms: float = 0.0, batching: bool = True,
           api_key_file: Path | None = None, corpus: Path | None = None, max_texts: int = 256,
           max_body_mb: float = 8.0, batch_size: int = 32) -> None:  # fmt: skip
     check_extra()
+    _plain_logging()
     if int8 and not onnx:
         raise CmftError("--int8 needs --onnx")
     if min(max_batch_tokens, max_batch_size, max_texts, batch_size) < 1 or max_wait_ms < 0 or max_body_mb <= 0:
@@ -82,8 +84,10 @@ def serve(source: Path, host: str = "127.0.0.1", port: int = 8080, onnx: bool = 
     limits = Limits(max_batch_tokens, max_batch_size, max_wait_ms, batching)
     settings = Settings(limits, max_texts, int(max_body_mb * 2**20), key, backend.name, documents)
     app = build_app(loaded, backend, settings)
+    fast = {"http": "httptools"} if importlib.util.find_spec("httptools") else {}
+    fast |= {"loop": "uvloop"} if importlib.util.find_spec("uvloop") else {}
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=DRAIN_SECONDS)  # fmt: skip
+                            timeout_graceful_shutdown=DRAIN_SECONDS, **fast)  # fmt: skip
     server = DrainingServer(config)
     log.info("serving %s (%s, %s) on http://%s:%d%s", loaded.task.name, backend.name,
              getattr(backend, "provider", ""), host, port, " with an API key" if key else "")  # fmt: skip
@@ -134,3 +138,12 @@ class DrainingServer:
 
     def run(self) -> None:
         self.server.run()
+
+
+def _plain_logging() -> None:
+    """A service logs one plain, timestamped line per event to stderr (the CLI's rich console is for people)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    for quiet in ("transformers", "sentence_transformers", "huggingface_hub", "httpx"):
+        logging.getLogger(quiet).setLevel(logging.ERROR)
