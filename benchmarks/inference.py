@@ -5,8 +5,10 @@ For each head (note classification, NER, ICD coding, retrieval) a run is fine-tu
 8 × 256 tokens and on one 2,048-token note (median over three rounds in which each engine warms up and runs
 several times in a row; same thread count for both). The int8 metric loss is the dev metric before and after
 quantisation, from the export's parity.json. Each shape also gets onnxruntime's own profile of the fp32 and
-int8 graphs: the milliseconds spent in matrix-multiply kernels and in everything else, and the speed-up over
-torch that would remain if only the matrix multiplies ran (`batch8x256_matmul_bound`: the lowest over heads).
+int8 graphs: the milliseconds spent in matrix-multiply kernels, in everything else and per op type, and the
+speed-up over torch that would remain if only the matrix multiplies ran (`batch8x256_matmul_bound`: the lowest over
+heads). `ort_fused` times the fp32 graph after onnxruntime's transformer optimizer (BERT fusions, exact GELU), with
+the fusions it found and its difference from the plain graph.
 
     python benchmarks/inference.py [--encoder runs/pretrain/latest/model] [--steps 60] [--threads 2]
         [--run note_classification=runs/finetune/...] [--repeats 12]
@@ -66,9 +68,9 @@ MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "DynamicQuantize
 
 
 def matmul_floor(path: Path, threads: int, ids: np.ndarray, mask: np.ndarray, runs: int = 5) -> dict:
-    """onnxruntime's own profile of one model: milliseconds per run spent in matrix-multiply kernels and in
-    everything else. The matmul time is a floor for this graph on this CPU: no rewrite of the other ops can
-    make a run faster than it."""
+    """onnxruntime's own profile of one model: milliseconds per run spent in matrix-multiply kernels, in
+    everything else, and per op type. The matmul time is a floor for this graph on this CPU: no rewrite of the other
+    ops can make a run faster than it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -82,21 +84,45 @@ def matmul_floor(path: Path, threads: int, ids: np.ndarray, mask: np.ndarray, ru
     events = json.loads(trace.read_text())
     trace.unlink()
     spent = {"matmul": 0.0, "other": 0.0}
+    by_op: dict[str, float] = {}
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            spent["matmul" if event["args"]["op_name"] in MATMUL_OPS else "other"] += event["dur"] / 1000 / runs
-    return {f"{kind}_ms": round(value, 1) for kind, value in spent.items()}
+            op, ms = event["args"]["op_name"], event["dur"] / 1000 / runs
+            spent["matmul" if op in MATMUL_OPS else "other"] += ms
+            by_op[op] = by_op.get(op, 0.0) + ms
+    ops = {op: round(ms, 2) for op, ms in sorted(by_op.items(), key=lambda item: -item[1])}
+    return {**{f"{kind}_ms": round(value, 1) for kind, value in spent.items()}, "ms_per_op_type": ops}
+
+
+def transformer_fusions(folder: Path) -> tuple[Path, dict[str, int]]:
+    """onnxruntime's transformer optimizer (BERT fusions, exact GELU kept) on the fp32 graph: which fusions
+    ModernBERT's pattern allows, as a graph to time beside the plain export."""
+    import logging
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    options = FusionOptions("bert")
+    options.enable_gelu_approximation = False  # FastGelu's tanh form is not exact
+    model = optimize_model(str(folder / "model.onnx"), model_type="bert", num_heads=0, hidden_size=0,
+                           optimization_options=options, opt_level=0)  # fmt: skip
+    path = folder / "model.fused.onnx"
+    model.save_model_to_file(str(path))
+    return path, {op: n for op, n in model.get_fused_operator_statistics().items() if n}
 
 
 def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> dict:
     folder, report = export_run(run, root / f"export-{task}", quantize="int8")
     loaded = load_run(run)
+    fused_path, fused = transformer_fusions(folder)
     engines = {
         "torch": TorchBackend(loaded.module),
         "ort_fp32": OnnxBackend(folder / "model.onnx", threads=args.threads),
         "ort_int8": OnnxBackend(folder / "model.int8.onnx", threads=args.threads),
+        "ort_fused": OnnxBackend(fused_path, threads=args.threads),
     }
-    result: dict = {"parity_max_abs_diff": report["max_abs_diff"]}
+    result: dict = {"parity_max_abs_diff": report["max_abs_diff"], "transformer_fusions": fused}
     for shape, (batch, length) in SHAPES.items():
         ids, mask = inputs(len(loaded.tokenizer), batch, length)
         latencies = timed(engines, ids, mask, args.repeats if length <= 256 else max(3, args.repeats // 2))
@@ -105,6 +131,8 @@ def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> di
             **{f"{name}_tokens_per_s": round(batch * length / value) for name, value in latencies.items()},
             "speedup_fp32": round(latencies["torch"] / latencies["ort_fp32"], 2),
             "speedup_int8": round(latencies["torch"] / latencies["ort_int8"], 2),
+            "speedup_fused": round(latencies["torch"] / latencies["ort_fused"], 2),
+            "fused_max_abs_diff": float(np.abs(engines["ort_fp32"](ids, mask) - engines["ort_fused"](ids, mask)).max()),
         }
         floors = {name: matmul_floor(folder / f"{file}.onnx", args.threads, ids, mask)
                   for name, file in (("ort_fp32", "model"), ("ort_int8", "model.int8"))}  # fmt: skip
