@@ -164,6 +164,8 @@ def test_icd_with_an_api_key_and_per_request_options(runs, tmp_path):
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         assert server.client.get("/info").status_code == 401 and server.client.get("/metrics").status_code == 401
         assert server.client.get("/health").status_code == 200  # probes stay open
+        bad = server.client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 401  # the key is checked before the body is read
         server.client.headers["Authorization"] = "Bearer s3cret-key"
         served = post_concurrently(server, texts, per_request=3)
         low = post_concurrently(server, texts, per_request=3, threshold=0.01, top_k=3)

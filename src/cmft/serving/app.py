@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -85,18 +85,7 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
                   description=f"A cmft {task.name} model over HTTP.")  # fmt: skip
     app.state.ready = False
 
-    def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer …)",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-
-    guarded = [Depends(authorize)]
-
-    app.add_middleware(Observe, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(Observe, metrics=metrics, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,7 +115,7 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
             found["windows"] = len(units)
         return found
 
-    @app.post("/predict", dependencies=guarded)
+    @app.post("/predict")
     async def predict(request: Request, body: Predict) -> dict[str, Any]:  # type: ignore[valid-type]
         """Per text, the JSON of `cmft predict` plus `truncated` (and `windows` for NER)."""
         options = {name: getattr(body, name) for name in task.decode_options if getattr(body, name) is not None}
@@ -140,7 +129,7 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
 
         return {"predictions": await run_in_threadpool(decode)}
 
-    @app.post("/search", dependencies=guarded)
+    @app.post("/search")
     async def search(request: Request, body: SearchRequest) -> dict[str, Any]:
         """The top_k documents of the corpus (`--corpus`) for each text, by cosine similarity."""
         if settings.corpus is None:
@@ -173,7 +162,7 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/info", dependencies=guarded)
+    @app.get("/info")
     async def info() -> dict[str, Any]:
         """Task, labels, maximum length, backend and version."""
         return {"task": task.name, "labels": loaded.meta.get("labels", []), "max_length": loaded.meta["max_length"],
@@ -182,7 +171,7 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
                 "options": sorted(task.decode_options), "max_texts": settings.max_texts,
                 "batching": settings.limits.__dict__}  # fmt: skip
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get("/metrics")
     async def prometheus() -> Response:
         """Prometheus text format: requests, latency, batch sizes, queue depth, errors."""
         metrics.observe("queue_depth", batcher.depth)
@@ -203,11 +192,19 @@ def _field(error: dict[str, Any]) -> str:
 
 
 class Observe:
-    """ASGI middleware: a request id (X-Request-ID), the body-size limit (413; a POST must say its length, 411),
+    """ASGI middleware, before anything reads the body: a request id (X-Request-ID), the API key (401, compared in
+    constant time; /health and /ready stay open), the body-size limit (413; a POST must say its length, 411),
     metrics and one log line per request with sizes and timings only."""
 
-    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int):
+    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int, api_key: str | None):
         self.app, self.metrics, self.limit = app, metrics, max_body_bytes
+        self.key = api_key.encode() if api_key else None
+
+    def authorized(self, headers: dict[bytes, bytes], path: str) -> bool:
+        if self.key is None or path in OPEN_PATHS:
+            return True
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token, self.key)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -228,7 +225,11 @@ class Observe:
             await send(message)
 
         try:
-            if scope["method"] == "POST" and not length.isdigit():
+            if not self.authorized(headers, scope["path"]):
+                response = _error(401, "missing or wrong API key (Authorization: Bearer …)")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, reply)
+            elif scope["method"] == "POST" and not length.isdigit():
                 await _error(411, "a POST needs a Content-Length header")(scope, receive, reply)
             elif length.isdigit() and int(length) > self.limit:
                 await _error(413, f"request body over {self.limit} bytes")(scope, receive, reply)
