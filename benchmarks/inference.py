@@ -2,13 +2,14 @@
 
 For each head (note classification, NER, ICD coding, retrieval) a run is fine-tuned briefly from the encoder
 (or taken from --run TASK=DIR), exported with `cmft export --onnx --quantize int8`, and timed on a batch of
-8 × 256 tokens and on one 2,048-token note (median over three rounds in which each engine warms up and runs
+8 × 256 tokens and on one 2,048-token note (median over five rounds in which each engine warms up and runs
 several times in a row; same thread count for both). The int8 metric loss is the dev metric before and after
 quantisation, from the export's parity.json. Each shape also gets onnxruntime's own profile of the fp32 and
 int8 graphs: the milliseconds spent in matrix-multiply kernels, in everything else and per op type, and the
 speed-up over torch that would remain if only the matrix multiplies ran (`batch8x256_matmul_bound`: the lowest over
 heads). `ort_fused` times the fp32 graph after onnxruntime's transformer optimizer (BERT fusions, exact GELU), with
-the fusions it found and its difference from the plain graph.
+the fusions it found and its difference from the plain graph; `ort_static_int8` a static int8 graph calibrated on
+the run's dev split, with its dev metric.
 
     python benchmarks/inference.py [--encoder runs/pretrain/latest/model] [--steps 60] [--threads 2]
         [--run note_classification=runs/finetune/...] [--repeats 12]
@@ -47,7 +48,7 @@ def inputs(vocabulary: int, batch: int, length: int) -> tuple[np.ndarray, np.nda
     return ids, np.ones_like(ids)
 
 
-def timed(engines: dict, ids: np.ndarray, mask: np.ndarray, repeats: int, rounds: int = 3) -> dict[str, float]:
+def timed(engines: dict, ids: np.ndarray, mask: np.ndarray, repeats: int, rounds: int = 5) -> dict[str, float]:
     """Median latency per engine over `rounds` rounds; in each round every engine runs a warm-up and then
     `repeats` times in a row. Rounds spread a slow spell on a shared machine over all engines; runs within a round
     stay consecutive because each engine's idle worker threads spin for a while after a call and would slow the
@@ -112,15 +113,55 @@ def transformer_fusions(folder: Path) -> tuple[Path, dict[str, int]]:
     return path, {op: n for op, n in model.get_fused_operator_statistics().items() if n}
 
 
+def static_int8(loaded, folder: Path, rows: int = 64) -> Path:
+    """Static (calibrated) int8 of the fp32 graph: activation scales fixed once from the first `rows` rows of the
+    run's dev split (QDQ format, per-channel int8 weights, uint8 activations, matrix multiplies only)."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from cmft.tasks import get_task
+    from cmft.tasks.base import Unit
+
+    task = get_task(loaded.recipe)
+    task.restore(loaded.meta)
+    task.prepare(loaded.tokenizer, splits=("dev",))
+    units = sorted((Unit(i, row["input_ids"]) for i, row in enumerate(task.datasets["dev"][:rows])),
+                   key=lambda unit: unit.length)  # fmt: skip
+    feeds = []
+    for start in range(0, len(units), 8):
+        ids, mask = loaded.task.collate(units[start : start + 8], loaded.pad_id, loaded.meta)
+        feeds.append({"input_ids": ids, "attention_mask": mask})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    path = folder / "model.static.onnx"
+    level, logging.getLogger().level = logging.getLogger().level, logging.ERROR
+    try:
+        quantize_static(str(folder / "model.onnx"), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=["MatMul"])  # fmt: skip
+    finally:
+        logging.getLogger().setLevel(level)
+    return path
+
+
 def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> dict:
     folder, report = export_run(run, root / f"export-{task}", quantize="int8")
     loaded = load_run(run)
     fused_path, fused = transformer_fusions(folder)
+    static_path = static_int8(loaded, folder)
     engines = {
         "torch": TorchBackend(loaded.module),
         "ort_fp32": OnnxBackend(folder / "model.onnx", threads=args.threads),
         "ort_int8": OnnxBackend(folder / "model.int8.onnx", threads=args.threads),
         "ort_fused": OnnxBackend(fused_path, threads=args.threads),
+        "ort_static_int8": OnnxBackend(static_path, threads=args.threads),
     }
     result: dict = {"parity_max_abs_diff": report["max_abs_diff"], "transformer_fusions": fused}
     for shape, (batch, length) in SHAPES.items():
@@ -132,6 +173,7 @@ def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> di
             "speedup_fp32": round(latencies["torch"] / latencies["ort_fp32"], 2),
             "speedup_int8": round(latencies["torch"] / latencies["ort_int8"], 2),
             "speedup_fused": round(latencies["torch"] / latencies["ort_fused"], 2),
+            "speedup_static_int8": round(latencies["torch"] / latencies["ort_static_int8"], 2),
             "fused_max_abs_diff": float(np.abs(engines["ort_fp32"](ids, mask) - engines["ort_fused"](ids, mask)).max()),
         }
         floors = {name: matmul_floor(folder / f"{file}.onnx", args.threads, ids, mask)
@@ -141,6 +183,11 @@ def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> di
             for name, spent in floors.items()
         }  # fmt: skip
     q = report["int8"]
+    if q.get("metric"):
+        from cmft.evaluation import evaluate_loaded
+
+        static = evaluate_loaded(loaded, engines["ort_static_int8"], "dev")[q["metric"]]
+        result |= {"dev_static_int8": static, "static_int8_metric_loss": q["fp32"] - static}
     result |= {"metric": q.get("metric"), "dev_fp32": q.get("fp32"), "dev_int8": q.get("int8"),
                "int8_metric_loss": q.get("loss"), "size_mb_fp32": q["size_mb_fp32"],
                "size_mb_int8": q["size_mb_int8"]}  # fmt: skip
