@@ -9,7 +9,8 @@ int8 graphs: the milliseconds spent in matrix-multiply kernels, in everything el
 speed-up over torch that would remain if only the matrix multiplies ran (`batch8x256_matmul_bound`: the lowest over
 heads). `ort_fused` times the fp32 graph after onnxruntime's transformer optimizer (BERT fusions, exact GELU), with
 the fusions it found and its difference from the plain graph; `ort_static_int8` a static int8 graph calibrated on
-the run's dev split, with its dev metric.
+the run's dev split, with its dev metric; `ort_fp32_unfused` and `ort_int8_unfused` the graphs exported without
+the fused global attention (`cmft.attention.FUSED_GLOBAL_ATTENTION`), the before of each before/after.
 
     python benchmarks/inference.py [--encoder runs/pretrain/latest/model] [--steps 60] [--threads 2]
         [--run note_classification=runs/finetune/...] [--repeats 12]
@@ -152,6 +153,11 @@ def static_int8(loaded, folder: Path, rows: int = 64) -> Path:
 
 
 def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> dict:
+    import cmft.attention
+
+    cmft.attention.FUSED_GLOBAL_ATTENTION = False  # the graph as exported before the fused global attention
+    before, _ = export_run(run, root / f"export-{task}-unfused", quantize="int8")
+    cmft.attention.FUSED_GLOBAL_ATTENTION = True
     folder, report = export_run(run, root / f"export-{task}", quantize="int8")
     loaded = load_run(run)
     fused_path, fused = transformer_fusions(folder)
@@ -162,6 +168,8 @@ def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> di
         "ort_int8": OnnxBackend(folder / "model.int8.onnx", threads=args.threads),
         "ort_fused": OnnxBackend(fused_path, threads=args.threads),
         "ort_static_int8": OnnxBackend(static_path, threads=args.threads),
+        "ort_fp32_unfused": OnnxBackend(before / "model.onnx", threads=args.threads),
+        "ort_int8_unfused": OnnxBackend(before / "model.int8.onnx", threads=args.threads),
     }
     result: dict = {"parity_max_abs_diff": report["max_abs_diff"], "transformer_fusions": fused}
     for shape, (batch, length) in SHAPES.items():
@@ -174,10 +182,14 @@ def bench_head(task: str, run: Path, root: Path, args: argparse.Namespace) -> di
             "speedup_int8": round(latencies["torch"] / latencies["ort_int8"], 2),
             "speedup_fused": round(latencies["torch"] / latencies["ort_fused"], 2),
             "speedup_static_int8": round(latencies["torch"] / latencies["ort_static_int8"], 2),
+            "speedup_fp32_unfused": round(latencies["torch"] / latencies["ort_fp32_unfused"], 2),
+            "speedup_int8_unfused": round(latencies["torch"] / latencies["ort_int8_unfused"], 2),
             "fused_max_abs_diff": float(np.abs(engines["ort_fp32"](ids, mask) - engines["ort_fused"](ids, mask)).max()),
         }
-        floors = {name: matmul_floor(folder / f"{file}.onnx", args.threads, ids, mask)
-                  for name, file in (("ort_fp32", "model"), ("ort_int8", "model.int8"))}  # fmt: skip
+        floors = {name: matmul_floor(where / f"{file}.onnx", args.threads, ids, mask)
+                  for name, where, file in (("ort_fp32", folder, "model"), ("ort_int8", folder, "model.int8"),
+                                            ("ort_fp32_unfused", before, "model"),
+                                            ("ort_int8_unfused", before, "model.int8"))}  # fmt: skip
         result[shape]["ort_profile"] = {
             name: {**spent, "max_speedup_if_only_matmuls_ran": round(1000 * latencies["torch"] / spent["matmul_ms"], 2)}
             for name, spent in floors.items()

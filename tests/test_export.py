@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,9 @@ def test_every_head_exports_with_parity(exports, name):
     assert not list(folder.parent.glob("*.partial")) and not (folder / "FAILED").exists()
     manifest = json.loads((folder / "cmft_export.json").read_text())
     assert manifest["task"] == RUNS[name][0]
+    config = json.loads((Path(manifest["source_run"]) / "model" / "config.json").read_text())
+    global_layers = config["layer_types"].count("full_attention")
+    assert parity["fused_ops"] == {"MultiHeadAttention": global_layers} and global_layers >= 1
     if manifest["task"] == "icd_coding":
         assert 0 < manifest["threshold"] < 1 and manifest["labels"]
 

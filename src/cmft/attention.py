@@ -28,6 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 IMPLEMENTATION = "cmft_banded"
 EXPORT_IMPLEMENTATION = "cmft_banded_export"
+FUSED_GLOBAL_ATTENTION = True
+"""While exporting, global layers become onnxruntime's com.microsoft.MultiHeadAttention (benchmarks/inference.py
+turns this off to time the unfused graph beside it)."""
 DENSE_BLOCKS = 4
 """Up to this many window blocks (256 tokens at ModernBERT's window) a local layer is one masked sdpa call: measured
 with ModernBERT-base, batch 8 (benchmarks/long_context.py --short), the bands were 10% slower at 256 tokens and
@@ -214,6 +217,12 @@ def export_attention(
     batch, _, length, _ = query.shape
     valid = attention_mask if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool)
     negative = torch.finfo(torch.float32).min
+    if getattr(module, "sliding_window", None) is None and FUSED_GLOBAL_ATTENTION and torch.onnx.is_in_onnx_export():
+        heads = int(module.config.num_attention_heads)  # a constant, not a traced size
+        dim = int(module.head_dim)
+        flat = [x.transpose(1, 2).reshape(batch, length, heads * dim) for x in (query, key, value)]
+        output = _MultiHeadAttention.apply(*flat, valid, heads, float(scaling))
+        return output.reshape(batch, length, heads, dim), None
     if getattr(module, "sliding_window", None) is None:
         bias = torch.where(valid[:, None, :, None], 0.0, negative).to(query.dtype).expand(-1, key.shape[1], -1, -1)
         # the scale goes on the queries and the padding bias rides along as one more key feature: no pass over the
@@ -225,6 +234,28 @@ def export_attention(
         return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
     output = _banded_matmul(query, key, value, valid, scaling, module.config.sliding_window, negative)
     return output.transpose(1, 2).contiguous(), None
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """Full attention over [batch, sequence, heads·dim] inputs with a key padding mask, traced as onnxruntime's
+    fused `com.microsoft.MultiHeadAttention` (one kernel: no [sequence × keys] scores between separate ops)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, valid, heads: int, scaling: float):  # the value traced through
+        batch, length, width = query.shape
+        q, k, v = (x.reshape(batch, length, heads, width // heads).transpose(1, 2) for x in (query, key, value))
+        bias = torch.where(valid[:, None, None, :], 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+        scores = torch.matmul(q * scaling, k.transpose(2, 3)) + bias
+        output = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return output.transpose(1, 2).reshape(batch, length, width)
+
+    @staticmethod
+    def symbolic(g, query, key, value, valid, heads: int, scaling: float):
+        mask = g.op("Cast", valid, to_i=6)  # int32 [batch, keys], 1 = attend
+        none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
+        return g.op(
+            "com.microsoft::MultiHeadAttention", query, key, value, none, mask, num_heads_i=heads, scale_f=scaling
+        )
 
 
 def _banded_matmul(query, key, value, valid, scaling: float, window: int, negative: float) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The graph is `torch.onnx.export` of the run's inference module (cmft.inference) traced on CPU (never
 flash-attention) with dynamic batch and sequence axes. ModernBERT encoders are traced with cmft's banded attention
-(cmft.attention: local layers compute only their ±window band, exactly), other encoders with eager attention
+(cmft.attention: local layers compute only their ±window band, exactly; global layers as onnxruntime's fused
+`com.microsoft.MultiHeadAttention`, recorded in parity.json's `fused_ops`), other encoders with eager attention
 (sdpa exports with NaN guards that cost onnxruntime 1.5x on long notes). Parity is checked against the PyTorch
 model that `cmft predict` runs (banded attention for ModernBERT, sdpa for others). The folder holds model.onnx
 (+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling, max_length), README.md (the
@@ -115,7 +116,7 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
     backend = OnnxBackend(model_path)
     report: dict[str, Any] = {"task": task.name, "provider": backend.provider, "tolerance": config.tolerance,
                               "export_seconds": round(time.monotonic() - started, 1), "traced_attention": attention,
-                              "reference": "pytorch sdpa"}  # fmt: skip
+                              "fused_ops": _fused_ops(model_path), "reference": "pytorch sdpa"}  # fmt: skip
     reference = load_run(run_dir)  # parity against what `cmft predict` runs in PyTorch
     per_length = _parity(reference, backend, config)
     report |= {"max_abs_diff": max(per_length.values()), "per_length": per_length}
@@ -125,6 +126,17 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
     (work / "parity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     write_export_card(work, run_dir, meta, report)
     return report
+
+
+def _fused_ops(path: Path) -> dict[str, int]:
+    """The onnxruntime contrib ops (com.microsoft) the graph uses, counted: what the export applied beyond ONNX."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def _sample(loaded: Loaded, length: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +165,7 @@ def _trace(loaded: Loaded, path: Path, config: ExportConfig) -> None:
             loaded.module, (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
             input_names=["input_ids", "attention_mask"], output_names=[loaded.task.output],
             dynamic_axes={"input_ids": axes, "attention_mask": axes, loaded.task.output: output_axes},
-            opset_version=config.opset, dynamo=False,
+            opset_version=config.opset, dynamo=False, custom_opsets={"com.microsoft": 1},
         )  # fmt: skip
 
 
