@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from cmft.config import read_yaml
+from cmft.finetuning.rates import GEOMETRY
 from cmft.tasks import BARE_ENCODER, task_class
 from cmft.tasks.base import CARD_EXAMPLE
 
@@ -44,7 +45,6 @@ BUNDLED_DATA = {
 # `cmft pretrain`'s bundled corpus sources and the data set each reads.
 PRETRAIN_SOURCES = {"pubmedqa": "pubmedqa", "mts_dialog_train": "mts_dialog", "codiesp_train": "codiesp",
                     "icd10cm": "icd_codes", "icd9cm": "icd_codes"}  # fmt: skip
-GEOMETRY = ("hidden_size", "num_hidden_layers", "intermediate_size")
 NOT_METRICS = ("global_batch_size", "per_device_batch_size", "world_size", "gradient_accumulation", "threshold")
 
 INTENDED = """{what} For clinical NLP research, and for decision support where a qualified person reviews every

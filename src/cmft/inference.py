@@ -225,21 +225,34 @@ def embed_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: 
     return np.stack(run_units(loaded, backend, units, batch_size)).astype(np.float32), counts
 
 
-def search(loaded: Loaded, backend: Backend, texts: list[str], corpus_path: Path, top_k: int,
-           batch_size: int) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
-    """The top-k corpus documents of every query text (cosine similarity of the normalised embeddings), and the
-    queries' truncation counts."""
-    import torch
-
+def embed_corpus(loaded: Loaded, backend: Backend, corpus_path: Path, batch_size: int
+                 ) -> tuple[list[str], np.ndarray]:  # fmt: skip
+    """(document ids, [documents, dim] normalised embeddings) of a `--corpus` file (jsonl or text lines)."""
     from cmft.data.retrieval import corpus_file_texts
-    from cmft.metrics import rank
 
     if not corpus_path.is_file():
         raise CmftError(f"--corpus: {corpus_path}: file not found")
     documents = corpus_file_texts(corpus_path)
     if not documents:
         raise CmftError(f"--corpus: {corpus_path}: no document")
-    corpus, _ = embed_texts(loaded, backend, [text for _, text in documents], batch_size)
+    embeddings, _ = embed_texts(loaded, backend, [text for _, text in documents], batch_size)
+    return [name for name, _ in documents], embeddings
+
+
+def top_hits(query: np.ndarray, corpus: tuple[list[str], np.ndarray], top_k: int) -> list[dict[str, Any]]:
+    """The top-k documents per query embedding (cosine of the normalised embeddings), as predict writes them."""
+    import torch
+
+    from cmft.metrics import rank
+
+    names, embeddings = corpus
+    hits = rank(torch.from_numpy(np.asarray(query, dtype=np.float32)), torch.from_numpy(embeddings), names, top_k)
+    return [{"hits": [{"id": d, "score": round(s, 6)} for d, s in row]} for row in hits]
+
+
+def search(loaded: Loaded, backend: Backend, texts: list[str], corpus_path: Path, top_k: int,
+           batch_size: int) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+    """The top-k corpus documents of every query text, and the queries' truncation counts."""
+    corpus = embed_corpus(loaded, backend, corpus_path, batch_size)
     query, counts = embed_texts(loaded, backend, texts, batch_size)
-    hits = rank(torch.from_numpy(query), torch.from_numpy(corpus), [d for d, _ in documents], top_k)
-    return [{"hits": [{"id": d, "score": round(s, 6)} for d, s in row]} for row in hits], counts
+    return top_hits(query, corpus, top_k), counts

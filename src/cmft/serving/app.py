@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
 
-from cmft.inference import Backend, Loaded
+from cmft.inference import Backend, Loaded, top_hits
 from cmft.serving.batcher import Batcher, Limits
 from cmft.serving.metrics import Metrics
 from cmft.version import __version__
@@ -135,18 +135,11 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
         if settings.corpus is None:
             raise HTTPException(404, "no corpus loaded: start cmft serve with --corpus on a retrieval model")
         by_text = await run_texts(request, body.texts, loaded.meta)
-        names, documents = settings.corpus
+        query = np.stack([np.asarray(outputs[0], dtype=np.float32) for outputs, _ in by_text])
 
         def rank() -> list[dict[str, Any]]:
-            query = np.stack([np.asarray(outputs[0], dtype=np.float32) for outputs, _ in by_text])
-            scores = query @ documents.T
-            k = min(body.top_k, len(names))
-            results = []
-            for row, (_, units) in zip(scores, by_text, strict=True):
-                order = np.argsort(-row, kind="stable")[:k]
-                results.append({"hits": [{"id": names[j], "score": round(float(row[j]), 6)} for j in order],
-                                **flags(units)})  # fmt: skip
-            return results
+            found = top_hits(query, settings.corpus, body.top_k)
+            return [{**hits, **flags(units)} for hits, (_, units) in zip(found, by_text, strict=True)]
 
         return {"results": await run_in_threadpool(rank)}
 

@@ -95,20 +95,14 @@ def serve(source: Path, host: str = "127.0.0.1", port: int = 8080, onnx: bool = 
 
 
 def embed_corpus(loaded, backend, corpus: Path, batch_size: int):
-    """(document ids, [documents, dim] embeddings) of a `--corpus` file, embedded once at start."""
-    from cmft.data.retrieval import corpus_file_texts
-    from cmft.inference import embed_texts
+    """(document ids, embeddings) of a `--corpus` file, embedded once at start."""
+    from cmft.inference import embed_corpus as embed
 
     if not loaded.task.searches:
         raise CmftError(f"--corpus: searching needs a retrieval model; this one is {loaded.task.name}")
-    if not corpus.is_file():
-        raise CmftError(f"--corpus: {corpus}: file not found")
-    documents = corpus_file_texts(corpus)
-    if not documents:
-        raise CmftError(f"--corpus: {corpus}: no document")
-    embeddings, _ = embed_texts(loaded, backend, [text for _, text in documents], batch_size)
-    log.info("corpus: %d documents embedded", len(documents))
-    return [name for name, _ in documents], embeddings
+    documents = embed(loaded, backend, corpus, batch_size)
+    log.info("corpus: %d documents embedded", len(documents[0]))
+    return documents
 
 
 class DrainingServer:
