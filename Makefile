@@ -3,6 +3,11 @@
 CMFT_VENV ?= .venv
 PY := $(CMFT_VENV)/bin/python
 PIP := $(PY) -m pip
+CMFT := $(CMFT_VENV)/bin/cmft
+# Extra key=value overrides for both training commands of `make demo`; CI runs the same target with fewer steps:
+#   make demo DEMO_PRETRAIN="training.max_steps=20" DEMO_FINETUNE="training.max_steps=20"
+DEMO_PRETRAIN ?=
+DEMO_FINETUNE ?=
 
 .PHONY: install install-dev demo test lint bench
 
@@ -20,9 +25,9 @@ install-dev: $(PY)
 	$(PIP) install -q -e ".[dev]"
 
 demo: install
-	$(CMFT_VENV)/bin/cmft pretrain
-	$(CMFT_VENV)/bin/cmft finetune note_classification
-	$(CMFT_VENV)/bin/cmft evaluate runs/finetune/latest
+	$(CMFT) pretrain $(DEMO_PRETRAIN)
+	$(CMFT) finetune note_classification $(DEMO_FINETUNE)
+	$(CMFT) evaluate runs/finetune/latest
 
 test: install-dev
 	$(CMFT_VENV)/bin/ruff check src tests benchmarks

@@ -201,7 +201,9 @@ def icd_whole_vs_chunked(encoder: str, folder: Path, quick: bool) -> dict:
 
     data = build(folder / "long_notes", tokenizer=encoder, max_notes=4 if quick else None)
     length = 1024 if quick else 4096
-    results = {"data": data, "max_length": length}
+    # the set's files lie in a temporary folder: the result names them by file name only
+    results = {"data": {key: Path(value).name if key in ("train", "dev", "test", "few") else value
+                        for key, value in data.items()}, "max_length": length}  # fmt: skip
     for mode in ("whole", "chunked"):
         overrides = [
             f"model.encoder={encoder}",

@@ -519,14 +519,27 @@ def export_corrupt_safetensors(w):
 @case
 def finetune_unwritable_output(w):
     return ["finetune", "note_classification", w.enc, "--output-dir", str(w.blocked("ft_run"))], [
-        "ft_run",
-        "cannot create the run folder",
+        "blocker.txt",
+        "a file stands where a folder of the run path goes",
     ]
 
 
 @case
 def pretrain_unwritable_output(w):
-    return ["pretrain", "--output-dir", str(w.blocked("pt_run"))], ["pt_run", "cannot create the run folder"]
+    return ["pretrain", "--output-dir", str(w.blocked("pt_run"))], ["blocker.txt", "a file stands where a folder"]
+
+
+@case
+def pretrain_runs_is_a_dangling_link(w):
+    """A clone whose `runs` is a link to a folder of another machine."""
+    (w.tmp / "runs").symlink_to(w.tmp / "elsewhere" / "runs")
+    return ["pretrain"], ["runs: a dangling symbolic link (to ", "remove it"]
+
+
+@case
+def finetune_runs_is_a_file(w):
+    w.write("runs", "not a folder\n")
+    return ["finetune", "note_classification", w.enc], ["runs: a file stands where a folder"]
 
 
 @case

@@ -31,11 +31,24 @@ def new_run_dir(kind: str, name: str, output_dir: str | Path | None) -> Path:
     partial = partial_of(final)
     if partial.exists():
         raise CmftError(f"{partial}: an unfinished run is there; continue it with --resume or delete it")
+    _check_parents(partial)
     try:
         partial.mkdir(parents=True)
     except OSError as exc:
         raise CmftError(f"{partial}: cannot create the run folder ({exc.strerror})") from None
     return final
+
+
+def _check_parents(path: Path) -> None:
+    """A folder on the way to `path` that is a file or a dangling link, named as such (mkdir only says
+    'File exists')."""
+    for parent in reversed(path.parents):
+        if parent.is_symlink() and not parent.exists():
+            raise CmftError(f"{parent}: a dangling symbolic link (to {os.readlink(parent)}) stands where the run "
+                            "folder goes; remove it or choose --output-dir")  # fmt: skip
+        if parent.exists() and not parent.is_dir():
+            raise CmftError(f"{parent}: a file stands where a folder of the run path goes; move it or choose "
+                            "--output-dir")  # fmt: skip
 
 
 def partial_of(final: Path) -> Path:
