@@ -56,16 +56,29 @@ class FinetuneTrainer(SafeTrainerMixin, Trainer):
         return torch.utils.data.SequentialSampler(eval_dataset)
 
     def create_optimizer(self, model=None):
+        """The Trainer's own optimizer and weight-decay grouping (no decay on biases and norms), with the head's
+        parameters in groups of their own at `head_learning_rate`."""
         if self.optimizer is None and self.head_learning_rate is not None:
-            head, body = [], []
-            for name, parameter in self.model.named_parameters():
+            model = self.model if model is None else model
+            decayed = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+            for name, parameter in model.named_parameters():
                 if parameter.requires_grad:
-                    (head if self.head_modules & set(name.split(".")) else body).append(parameter)
-            groups = [{"params": body, "lr": self.args.learning_rate}, {"params": head, "lr": self.head_learning_rate}]
-            for group in groups:
-                group["weight_decay"] = self.args.weight_decay
-            self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.args.learning_rate)
-        return super().create_optimizer()
+                    in_head = bool(self.head_modules & set(name.split(".")))
+                    groups.setdefault((in_head, name in decayed), []).append(parameter)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(
+                [
+                    {
+                        "params": parameters,
+                        "lr": self.head_learning_rate if in_head else self.args.learning_rate,
+                        "weight_decay": self.args.weight_decay if decays else 0.0,
+                    }
+                    for (in_head, decays), parameters in sorted(groups.items(), key=lambda item: item[0])
+                ],
+                **optimizer_kwargs,
+            )
+        return super().create_optimizer(model)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
