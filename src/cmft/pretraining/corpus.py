@@ -190,6 +190,18 @@ def split_documents(config: CorpusConfig, counts: dict[str, int] | None = None) 
             counts[name] = count
 
 
+def heldout_documents(config: CorpusConfig) -> list[str]:
+    """The held-out slice that `build_corpus` and the streaming cache split off, without keeping the training texts."""
+    heldout: list[str] = []
+    last_train = None
+    for text, held in split_documents(config):
+        if held:
+            heldout.append(text)
+        else:
+            last_train = text
+    return heldout or ([last_train] if last_train is not None else [])  # as build_corpus when the hash chose none
+
+
 def build_corpus(config: CorpusConfig) -> Corpus:
     """Read every source and split off the fixed held-out slice (duplicates of a text share its side)."""
     corpus = Corpus()
