@@ -316,6 +316,25 @@ def finetune_ner_file_not_utf8(w):
     return ["finetune", "ner", w.enc, f"data.train={train}", *w.out()], ["ner_latin1.tsv", "not a UTF-8"]
 
 
+def _ner_folder_recipe(w) -> Path:
+    """An NER recipe whose train split is the `{texts, labels}` folder form (notes with one label each)."""
+    w.write("notes/a.txt", "Patient with fever.\n")
+    labels = w.write("notes_labels.tsv", "a\tB-Disease\n")
+    recipe = {"task": "ner", "data": {"train": {"texts": str(w.tmp / "notes"), "labels": str(labels)}}}
+    return w.write("ner_folder_recipe.yaml", yaml.safe_dump(recipe))
+
+
+@case
+def validate_ner_folder_split(w):
+    return ["validate", str(_ner_folder_recipe(w)), w.enc], ["ner_folder_recipe.yaml", "data.train", "CoNLL", "jsonl"]
+
+
+@case
+def finetune_ner_folder_split(w):
+    args = ["finetune", str(_ner_folder_recipe(w)), w.enc, *QUICK, *w.out()]
+    return args, ["ner_folder_recipe.yaml", "data.train", "CoNLL", "jsonl"]
+
+
 @case
 def finetune_retrieval_empty_pairs(w):
     train = w.write("empty_pairs.jsonl", "\n\n")

@@ -83,3 +83,53 @@ def test_missing_and_empty_sources(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(CmftError, match="no non-empty document"):
         build_corpus(CorpusConfig(sources=[SourceConfig(path=str(tmp_path / "empty.txt"))]))
+
+
+@pytest.mark.parametrize("failure", [OSError("connection reset by peer"), ValueError("schema mismatch")])
+def test_stream_failure_on_valid_json_says_what_failed(tmp_path, monkeypatch, failure):
+    """A stream that fails on a well-formed file is reported as that failure, not as bad JSON."""
+    import datasets
+
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+
+    def failing_stream(*args, **kwargs):
+        yield {"text": "one"}
+        raise failure
+
+    monkeypatch.setattr(datasets, "load_dataset", failing_stream)
+    with pytest.raises(CmftError) as raised:
+        list(iter_source(SourceConfig(path=str(path))))
+    message = str(raised.value)
+    assert "notes.jsonl" in message and type(failure).__name__ in message and str(failure) in message
+    assert "JSON" not in message and "\n" not in message
+
+
+def test_stream_failure_on_bad_json_names_the_line(tmp_path, monkeypatch):
+    import datasets
+
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "one"}\n{"text": \n', encoding="utf-8")
+
+    def failing_stream(*args, **kwargs):
+        yield {"text": "one"}
+        raise ValueError("JSON parse error: Missing a value")
+
+    monkeypatch.setattr(datasets, "load_dataset", failing_stream)
+    with pytest.raises(CmftError, match="broken.jsonl: line 2 is not valid JSON"):
+        list(iter_source(SourceConfig(path=str(path))))
+
+
+def test_stream_failure_of_a_text_file_is_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    path = tmp_path / "notes.txt"
+    path.write_text("one\ntwo\n", encoding="utf-8")
+
+    def failing_stream(*args, **kwargs):
+        raise OSError("input/output error")
+        yield  # a generator, as datasets' stream
+
+    monkeypatch.setattr(datasets, "load_dataset", failing_stream)
+    with pytest.raises(CmftError, match=r"notes.txt: reading it as text failed \(OSError: input/output error\)"):
+        list(iter_source(SourceConfig(path=str(path))))

@@ -193,3 +193,29 @@ def test_default_config_path_resolves(tmp_path):
     from cmft.pretraining.run import resolve_pretrain_config
 
     assert resolve_pretrain_config(None).name == "clinical_tiny.yaml" and resolve_pretrain_config(None).is_file()
+
+
+def test_evaluate_recomputes_a_pretraining_runs_metrics(tiny_encoder, tmp_path, capsys):
+    """`cmft evaluate runs/pretrain/latest`: the held-out top-k accuracies of metrics.json, recomputed from model/."""
+    from tests.conftest import run_inline
+
+    run = tiny_encoder.parent
+    latest = run.parent / "latest"
+    assert latest.resolve() == run.resolve()
+    saved = json.loads((run / "metrics.json").read_text())
+    code, stdout, stderr = run_inline(capsys, "evaluate", str(latest))
+    assert code == 0, stderr[-3000:]
+    again = json.loads(stdout)
+    for name in METRICS:
+        assert again[name] == pytest.approx(saved[name], abs=1e-5), name
+    assert again["split"] == "heldout" and again["n_examples"] == saved["n_examples"]
+    assert again["n_masked_tokens"] == saved["n_masked_tokens"]
+    assert json.loads((run / "metrics.json").read_text()) == saved  # printed, metrics.json left as training wrote it
+    code, _, stderr = run_inline(capsys, "evaluate", str(latest), "--split", "dev")
+    assert code == 2 and "held-out" in stderr and "Traceback" not in stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Type 2 diabetes mellitus treated with metformin.\nNo chest pain today.\n", encoding="utf-8")
+    code, stdout, stderr = run_inline(capsys, "evaluate", str(latest), "--data", str(notes))
+    assert code == 0, stderr[-3000:]
+    other = json.loads(stdout)
+    assert other["split"] == str(notes) and other["n_examples"] == 2 and 0 <= other["mlm_top1"] <= 1

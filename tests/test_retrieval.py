@@ -204,6 +204,40 @@ def test_saved_bi_encoder_reloads_with_identical_embeddings(retrieval_run):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_predict_corpus_search_through_the_cli(retrieval_run, tmp_path, capsys):
+    """`cmft predict RUN queries --corpus docs --top-k K`: one row per query, K hits by falling score, and a query
+    that is a document's own text finds that document first."""
+    from tests.conftest import run_inline
+
+    with open(MTS / "test1.csv", encoding="utf-8", newline="") as handle:
+        sections = list(dict.fromkeys(row["section_text"] for row in csv.DictReader(handle)))[:12]
+    documents = [{"_id": f"doc{i}", "text": text} for i, text in enumerate(sections)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in documents), encoding="utf-8")
+    queries = [{"id": "same-as-doc7", "text": sections[7]}, {"id": "same-as-doc2", "text": sections[2]},
+               {"id": "free", "text": "Any allergies to medications?"}]  # fmt: skip
+    inputs = tmp_path / "queries.jsonl"
+    inputs.write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
+    output = tmp_path / "hits.jsonl"
+    code, _, stderr = run_inline(capsys, "predict", str(retrieval_run), str(inputs), "--corpus", str(corpus),
+                                 "--top-k", "5", "--output", str(output))  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    assert "3 texts" in stderr and "Traceback" not in stderr
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [row["id"] for row in rows] == ["same-as-doc7", "same-as-doc2", "free"]
+    known = {d["_id"] for d in documents}
+    for row in rows:
+        assert set(row) == {"id", "hits"} and len(row["hits"]) == 5
+        assert all(set(hit) == {"id", "score"} and hit["id"] in known for hit in row["hits"])
+        assert len({hit["id"] for hit in row["hits"]}) == 5
+        scores = [hit["score"] for hit in row["hits"]]
+        assert scores == sorted(scores, reverse=True) and all(-1.0 - 1e-6 <= x <= 1.0 + 1e-6 for x in scores)
+    for row, own in zip(rows[:2], ("doc7", "doc2"), strict=True):
+        assert row["hits"][0]["id"] == own and row["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert row["hits"][1]["score"] < row["hits"][0]["score"]
+
+
 def test_lora_cached_loss_and_mined_hard_negatives(tiny_encoder, tmp_path):
     """LoRA, GradCache, mined negatives and gradient checkpointing in one sentence-transformers run."""
     train = _mts_subset(tmp_path / "train.csv", 48)

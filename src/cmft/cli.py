@@ -110,11 +110,14 @@ def _run_stage(kind: str, run: Callable, source: str | None, overrides: list[str
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished fine-tuning run folder.")],
-    split: Annotated[str, typer.Option(help="Split of the run's recipe to evaluate: train, dev or test.")] = "test",
+    run_dir: Annotated[Path, typer.Argument(help="A finished fine-tuning or pretraining run folder.")],
+    split: Annotated[
+        str | None, typer.Option(help="Split of the run's recipe to evaluate: train, dev or test (default test).")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="Evaluate on this data file instead (read as --split).")] = None,
 ) -> None:
-    """Recompute a run's metrics from its saved model (on its test split, this reproduces metrics.json)."""
+    """Recompute a run's metrics from its saved model and print them as JSON (metrics.json is left as training wrote
+    it); on the test split, or a pretraining run's held-out documents, they reproduce metrics.json."""
     import json
 
     from cmft.evaluation import evaluate_run

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from cmft.errors import CmftError
-from cmft.inference import Backend, Loaded, TorchBackend, load_run, run_units
+from cmft.inference import Backend, Loaded, TorchBackend, load_run, run_kind, run_units
 from cmft.tasks import get_task
 from cmft.tasks.base import Unit
 
@@ -38,14 +38,20 @@ def evaluate_loaded(loaded: Loaded, backend: Backend, split: str = "dev", batch_
     return {**metrics, "split": split, **task.counts(split)}
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | None = None) -> dict[str, Any]:
-    """`cmft evaluate`: metrics of `run_dir/model` on a split of its recipe (or on `data`, read as that split)."""
+def evaluate_run(run_dir: str | Path, split: str | None = None, data: str | Path | None = None) -> dict[str, Any]:
+    """`cmft evaluate`: metrics of `run_dir/model` on a split of its recipe (default test; or on `data`, read as that
+    split). A pretraining run: the held-out top-k accuracies of its metrics.json (or on the documents of `data`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "model" / "config.json").is_file():
-        raise CmftError(f"{run_dir}: not a finished fine-tuning run (needs recipe.yaml and model/)")
+        raise CmftError(f"{run_dir}: not a finished fine-tuning run or pretraining run (needs recipe.yaml and model/)")
     from cmft.modeling import check_model_folder
 
     check_model_folder(run_dir / "model", "evaluate")
+    if run_kind(run_dir) == "pretrain":
+        from cmft.pretraining.evaluate import evaluate_pretraining_run
+
+        return evaluate_pretraining_run(run_dir, split, Path(data) if data is not None else None)
+    split = split or "test"
     if split not in ("train", "dev", "test"):
         raise CmftError(f"--split {split}: choose train, dev or test")
     loaded = load_run(run_dir)

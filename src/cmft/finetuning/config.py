@@ -108,8 +108,8 @@ def step_schedule(t: TrainingConfig, batches_per_epoch: int) -> StepSchedule:
 class TaskSection(StrictModel):
     """A task's recipe section."""
 
-    def check(self, training: TrainingConfig) -> None:
-        """Settings that must agree with `training` (a ValueError says which)."""
+    def check(self, training: TrainingConfig, data: DataConfig) -> None:
+        """Settings that must agree with `training` and `data` (a ValueError says which)."""
 
 
 class ClassificationConfig(TaskSection):
@@ -135,7 +135,7 @@ class IcdCodingConfig(TaskSection):
     init_from_descriptions: bool = False
     """Start each label query from the encoder's embedding of its ICD-10-CM description."""
 
-    def check(self, training: TrainingConfig) -> None:
+    def check(self, training: TrainingConfig, data: DataConfig) -> None:
         if training.max_length > 8192:
             raise ValueError("training.max_length must be at most 8192")
 
@@ -148,9 +148,15 @@ class NerConfig(TaskSection):
     label_all_subtokens: bool = False
     """Train on every sub-token (default: only a word's first sub-token carries its tag)."""
 
-    def check(self, training: TrainingConfig) -> None:
+    def check(self, training: TrainingConfig, data: DataConfig) -> None:
         if self.stride >= training.max_length - 2:
             raise ValueError("ner.stride must be smaller than training.max_length - 2")
+        for split in ("train", "dev", "test"):
+            if isinstance(getattr(data, split), FolderSplit):  # tags are per word; a folder gives labels per note
+                raise ValueError(
+                    f"data.{split}: NER reads a CoNLL/IOB file (token and tag columns) or a .jsonl file with "
+                    "character-offset entity spans, not a {texts, labels} folder of notes"
+                )
 
 
 class RetrievalConfig(TaskSection):
@@ -202,7 +208,7 @@ class RecipeConfig(StrictModel):
                 raise ValueError(f"section `{section}` is for task {task}, but this recipe's task is {self.task}")
         if getattr(self, own) is None:
             setattr(self, own, SECTION_TYPES[own]())
-        getattr(self, own).check(self.training)
+        getattr(self, own).check(self.training, self.data)
         return self
 
     @property

@@ -84,18 +84,22 @@ def _files_of(path_spec: str) -> list[Path]:
     return [path]
 
 
-def _first_bad_json_line(path: Path, text_field: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                return f"line {number} is not valid JSON"
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                return f"line {number} has no string field {text_field!r}"
-    return "not valid JSON lines"
+def _first_bad_json_line(path: Path, text_field: str) -> str | None:
+    """The first line that is not a JSON object with a string `text_field`; None when every line is."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return f"line {number} is not valid JSON"
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    return f"line {number} has no string field {text_field!r}"
+    except OSError:  # unreadable now: the caller reports the stream's own failure
+        return None
+    return None
 
 
 def _stream_file(path: Path, source: SourceConfig) -> Iterator[str]:
@@ -125,10 +129,12 @@ def _stream_file(path: Path, source: SourceConfig) -> Iterator[str]:
         raise CmftError(f"{path}: not UTF-8 text; convert it (e.g. iconv -t utf-8) or remove it") from None
     except CmftError:
         raise
-    except Exception:  # datasets/pyarrow raise many types for malformed JSON
-        if fmt == "jsonl":
-            raise CmftError(f"{path}: {_first_bad_json_line(path, source.text_field)}") from None
-        raise
+    except Exception as exc:  # datasets/pyarrow raise many types, for malformed JSON and for everything else
+        bad_line = _first_bad_json_line(path, source.text_field) if fmt == "jsonl" else None
+        if bad_line is not None:
+            raise CmftError(f"{path}: {bad_line}") from None
+        reason = " ".join(str(exc).split())[:200] or "no message"
+        raise CmftError(f"{path}: reading it as {fmt} failed ({type(exc).__name__}: {reason})") from None
 
 
 def source_files(source: SourceConfig) -> list[Path]:
@@ -182,6 +188,18 @@ def split_documents(config: CorpusConfig, counts: dict[str, int] | None = None) 
             raise CmftError(f"corpus source {name!r}: no non-empty document")
         if counts is not None:
             counts[name] = count
+
+
+def heldout_documents(config: CorpusConfig) -> list[str]:
+    """The held-out slice that `build_corpus` and the streaming cache split off, without keeping the training texts."""
+    heldout: list[str] = []
+    last_train = None
+    for text, held in split_documents(config):
+        if held:
+            heldout.append(text)
+        else:
+            last_train = text
+    return heldout or ([last_train] if last_train is not None else [])  # as build_corpus when the hash chose none
 
 
 def build_corpus(config: CorpusConfig) -> Corpus:

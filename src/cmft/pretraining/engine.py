@@ -28,10 +28,10 @@ from cmft.memory import choose_checkpointing, enable_checkpointing
 from cmft.modeling import check_model_source, choose_attention, hub_error, model_type_of
 from cmft.pretraining.config import ArchitectureConfig, PretrainConfig
 from cmft.pretraining.corpus import Corpus
-from cmft.pretraining.evaluate import masked_token_accuracy
+from cmft.pretraining.evaluate import evaluation_rows, heldout_accuracy
 from cmft.pretraining.lexicon import Lexicon
 from cmft.pretraining.masking import Masker
-from cmft.pretraining.packing import PackedDataset, collate_packed, tokenize_documents
+from cmft.pretraining.packing import PackedDataset, collate_packed
 from cmft.pretraining.rows import Rows, read_corpus, streamed, training_data
 from cmft.pretraining.trainer import MaskedLMTrainer
 from cmft.pretraining.vocab import refine_tokenizer, save_tokenizer, tokens_per_word, train_tokenizer
@@ -332,9 +332,7 @@ def run_pretraining(config: PretrainConfig, final: Path, work: Path, resume: boo
     max_length = config.training.max_length
     data = training_data(config, corpus, setup.tokenizer, lexicon, max_length)
     train, corpus, max_steps = data.rows, data.corpus, data.max_steps
-    heldout = PackedDataset(
-        tokenize_documents(corpus.heldout, setup.tokenizer, lexicon, max_length, "none"), max_length
-    )
+    heldout = evaluation_rows(corpus.heldout, setup.tokenizer, lexicon, max_length)
     summary = {
         "documents_per_source": corpus.documents_per_source,
         **data.summary,
@@ -386,17 +384,7 @@ def _evaluate_and_save(
     summary: dict,
     started: float,
 ) -> None:
-    masker = Masker(setup.tokenizer.mask_token_id, len(setup.tokenizer), setup.tokenizer.all_special_ids)
-    metrics = masked_token_accuracy(
-        setup.model,
-        heldout,
-        masker,
-        setup.tokenizer.pad_token_id,
-        setup.attention,
-        config.evaluation.rate,
-        config.evaluation.seed,
-        config.evaluation.batch_size,
-    )
+    metrics = heldout_accuracy(setup.model, setup.tokenizer, heldout, setup.attention, config.evaluation)
     metrics |= {"split": "heldout", "n_examples": n_heldout}
     metrics |= {key: summary[key] for key in ("global_batch_size", "world_size")}
     summary["wall_seconds"] = round(time.monotonic() - started, 1)

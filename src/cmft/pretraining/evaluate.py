@@ -2,14 +2,68 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from cmft.errors import CmftError
+from cmft.pretraining.config import EvaluationConfig, PretrainConfig
+from cmft.pretraining.lexicon import Lexicon
 from cmft.pretraining.masking import Masker
-from cmft.pretraining.packing import PackedDataset, collate_packed, model_inputs
+from cmft.pretraining.packing import PackedDataset, collate_packed, model_inputs, tokenize_documents
 
 TOP_K = (1, 5, 10, 25)
+
+
+def evaluation_rows(texts: list[str], tokenizer: Any, lexicon: Lexicon, max_length: int) -> PackedDataset:
+    """Documents packed into rows of at most `max_length` tokens for `heldout_accuracy`."""
+    return PackedDataset(tokenize_documents(texts, tokenizer, lexicon, max_length, "none"), max_length)
+
+
+def heldout_accuracy(model: PreTrainedModel, tokenizer: Any, rows: PackedDataset, attention: str,
+                     evaluation: EvaluationConfig) -> dict[str, float]:  # fmt: skip
+    """The metrics.json figures of a pretraining run: `masked_token_accuracy` at the config's rate, seed and batch."""
+    masker = Masker(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids)
+    return masked_token_accuracy(model, rows, masker, tokenizer.pad_token_id, attention, evaluation.rate,
+                                 evaluation.seed, evaluation.batch_size)  # fmt: skip
+
+
+def evaluate_pretraining_run(run_dir: Path, split: str | None = None, data: Path | None = None) -> dict[str, Any]:
+    """`cmft evaluate` of a `cmft pretrain` run: its model/ scored on the held-out documents of its recipe.yaml (as
+    the run's metrics.json), or on the documents of `data` (a text or jsonl file, read as a corpus source)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from cmft.config import load_config
+    from cmft.modeling import choose_attention
+    from cmft.pretraining.config import SourceConfig
+    from cmft.pretraining.corpus import heldout_documents, iter_source
+    from cmft.tasks.base import load_pretrained
+
+    if split not in (None, "heldout"):
+        raise CmftError(f"--split {split}: a pretraining run is evaluated on its held-out documents (or --data PATH); "
+                        "leave --split out")  # fmt: skip
+    if not (run_dir / "recipe.yaml").is_file():
+        raise CmftError(f"{run_dir}: not a finished run (needs recipe.yaml and model/)")
+    config = load_config(PretrainConfig, run_dir / "recipe.yaml")
+    if data is not None:
+        if not data.exists():
+            raise CmftError(f"--data {data}: file not found")
+        texts, split = list(iter_source(SourceConfig(path=str(data)))), str(data)
+    else:
+        texts, split = heldout_documents(config.corpus), "heldout"
+    if not texts:
+        raise CmftError(f"{data}: no non-empty document")
+    attention = choose_attention("auto", "modernbert", training=False).implementation
+    model = load_pretrained(AutoModelForMaskedLM, run_dir / "model", attention)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    rows = evaluation_rows(texts, tokenizer, Lexicon.from_files(config.masking.lexicon), config.training.max_length)
+    metrics = heldout_accuracy(model, tokenizer, rows, attention, config.evaluation)
+    return {**metrics, "split": split, "n_examples": len(texts)}
 
 
 @torch.no_grad()
