@@ -9,7 +9,9 @@ tokens: forward (no grad) and forward+backward, for
 - `cmft`: what `model.attention: auto` picks on this machine (cmft.modeling.choose_attention): banded attention.
 Forward+backward at 8,192 also runs with gradient checkpointing for sdpa and cmft. Each setting runs in its own
 process, so its peak resident memory (ru_maxrss, weights and interpreter included) is its own, and one that runs
-out of memory is reported as `oom`. Time: the median of 3 runs where one takes under 30 s, else one run.
+out of memory is reported as `oom`. Time: every setting gets the same warm-up, one untimed call (at the same
+length: flex compiles per shape, and the first call of the others allocates their buffers), then the same number
+of timed calls (`--repeats`, default 3), reported as the median with the spread (max - min).
 `max_abs_diff`: cmft's and flex's last hidden states against sdpa's, every length.
 
 Part 2, whole-note ICD coding on the long-note set (benchmarks/make_long_notes.py: CodiEsp case reports joined into
@@ -20,6 +22,7 @@ Part 3, whole-note ICD coding at 8,192 tokens with a ModernBERT-base-geometry en
 encoder's tokenizer): a few steps at batch 1, then test predictions; time and peak memory.
 
     python benchmarks/long_context.py [--quick] [--encoder runs/pretrain/latest/model] [--skip-icd]
+        [--lengths 1024 2048 4096 8192] [--repeats 3] [--results benchmarks/results/long_context.json]
     python benchmarks/long_context.py --short     # the rule's short end: batch 8 at 128 / 256 / 512 tokens
     python benchmarks/long_context.py --memory    # peak memory at 8,192 tokens with glibc's mmap threshold fixed
 
@@ -48,7 +51,6 @@ BASE = {"hidden_size": 768, "num_hidden_layers": 22, "num_attention_heads": 12, 
 SMALL = {**BASE, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 96,
          "vocab_size": 1000}  # fmt: skip
 THREADS = 2
-REPEAT_UNDER_S = 30.0
 
 
 def child(spec: dict) -> dict:
@@ -89,17 +91,14 @@ def child(spec: dict) -> dict:
                 states = model(input_ids=ids, attention_mask=mask).last_hidden_state
         return time.perf_counter() - started, states.detach()
 
-    first, states = once()
-    times = [first]
-    if spec["path"] == "flex":  # the first call compiles: time the compiled kernel separately
-        second, states = once()
-        times = [second]
-        if second < REPEAT_UNDER_S:
-            times += [once()[0], once()[0]]
-    elif first < REPEAT_UNDER_S:
-        times += [once()[0], once()[0]]
+    first, states = once()  # the warm-up, the same for every setting
+    times = []
+    for _ in range(spec.get("repeats", 3)):
+        seconds, states = once()
+        times.append(seconds)
     seconds = statistics.median(times)
-    result = {"seconds": round(seconds, 3), "runs": len(times), "implementation": implementation}
+    result = {"seconds": round(seconds, 3), "runs": len(times), "spread_s": round(max(times) - min(times), 3),
+              "warmup_s": round(first, 3), "implementation": implementation}  # fmt: skip
     if spec["path"] == "flex":
         result["compile_s"] = round(first - seconds, 1)
     reference = Path(spec["reference"]) if spec.get("reference") else None
@@ -139,7 +138,7 @@ def run_setting(spec: dict, in_process: bool = False) -> dict:
     return row
 
 
-def encoder_benchmark(geometry: dict, lengths: list[int], quick: bool, folder: Path) -> list[dict]:
+def encoder_benchmark(geometry: dict, lengths: list[int], quick: bool, folder: Path, repeats: int) -> list[dict]:
     rows = []
     longest = max(lengths)
     for length in lengths:
@@ -153,7 +152,8 @@ def encoder_benchmark(geometry: dict, lengths: list[int], quick: bool, folder: P
             plan += [("sdpa", "train", True), ("cmft", "train", True)]
         for path, mode, checkpointing in plan:
             rows.append(run_setting({"path": path, "mode": mode, "length": length, "checkpointing": checkpointing,
-                                     "geometry": geometry, "reference": reference}, in_process=quick))  # fmt: skip
+                                     "geometry": geometry, "reference": reference, "repeats": repeats},
+                                    in_process=quick))  # fmt: skip
     return rows
 
 
@@ -328,6 +328,9 @@ def main() -> None:
     parser.add_argument("--skip-icd", action="store_true")
     parser.add_argument("--short", action="store_true", help="only the short-length check (batch 8, 128-512 tokens)")
     parser.add_argument("--memory", action="store_true", help="only peak memory at 8,192 tokens, allocator pinned")
+    parser.add_argument("--lengths", type=int, nargs="+", help="default 1024 2048 4096 8192 (quick: 256 1024)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting, after one warm-up call")
+    parser.add_argument("--results", help="also write the record, with its provenance, to this file")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -341,10 +344,10 @@ def main() -> None:
         return
     sys.path.insert(0, str(Path(__file__).parent))
     started = time.monotonic()
-    lengths = [256, 1024] if args.quick else [1024, 2048, 4096, 8192]
+    lengths = args.lengths or ([256, 1024] if args.quick else [1024, 2048, 4096, 8192])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        rows = encoder_benchmark(SMALL if args.quick else BASE, lengths, args.quick, folder)
+        rows = encoder_benchmark(SMALL if args.quick else BASE, lengths, args.quick, folder, args.repeats)
         report = {"benchmark": "long_context", "geometry": "small (quick)" if args.quick else "modernbert-base",
                   "threads": THREADS, "batch": 1, "lengths": lengths, "baselines": "transformers sdpa as shipped; "
                   "flex_attention (transformers, torch.compile, forward only)", "settings": rows}  # fmt: skip
@@ -356,6 +359,10 @@ def main() -> None:
             report["icd_long_notes"] = icd_whole_vs_chunked(args.encoder, folder, args.quick)
             report["icd_whole_8192_base_geometry"] = icd_base_geometry(args.encoder, folder, args.quick)
     report["wall_s"] = round(time.monotonic() - started, 1)
+    if args.results:
+        from provenance import provenance, write_results
+
+        write_results(args.results, {**provenance(), **report})
     print(json.dumps(report))
 
 

@@ -4,6 +4,7 @@ facts cannot be compared with another machine's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -53,10 +54,8 @@ def commit() -> str:
 def versions() -> dict:
     found = {}
     for name in LIBRARIES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return {"python": platform.python_version(), **found}
 
 

@@ -5,11 +5,14 @@ The service runs on loopback as `cmft serve` (1 worker, 2 torch threads); the lo
 concurrency with httpx's async client. Per setting: requests/s, texts/s, p50/p95/p99 latency and errors. Heads:
 ICD coding on CodiEsp test notes (the goals), NER on NCBI-disease test sentences and the int8 ONNX ICD model
 (reported). Baselines measured in the same run: the same service with `--no-batching` (one request per forward
-pass) and `cmft predict`'s batch inference over the same texts (batch 16, length-sorted: the batch ceiling). Last,
-a soak of --soak requests to the NER service: resident memory after request 1,000 and after the last.
+pass) and `cmft predict`'s batch inference over the same texts (batch 16, length-sorted: the batch ceiling). Both
+services are up at once and each gets the same warm-up; at each concurrency they take turns, the order alternating
+from round to round (AB BA …, `--rounds`), and so do `cmft predict`'s batch 16 and batch 1; each figure is the
+median round with the spread (max - min) of all rounds. Last, a soak of --soak requests to the NER service:
+resident memory after request 1,000 and after the last.
 
     python benchmarks/serve_load.py [--encoder runs/pretrain/latest/model] [--requests 256] [--soak 10000]
-        [--run icd_coding=DIR] [--run ner=DIR] [--quick]
+        [--run icd_coding=DIR] [--run ner=DIR] [--rounds 2] [--results FILE] [--quick]
 
 Prints one JSON line last with `speedup_vs_unbatched_c32`, `ratio_vs_predict_c32`, `p99_over_p50_c32` (ICD),
 `errors` and `soak_rss_growth`.
@@ -116,25 +119,37 @@ def load(service: Service, texts_file: Path, concurrency: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def predict_ceiling(source: Path, texts_file: Path, onnx: bool, int8: bool) -> dict:
+def predict_ceiling(source: Path, texts_file: Path, onnx: bool, int8: bool, rounds: int) -> dict:
     """`cmft predict`'s inference (batch 16, length-sorted) over the same texts, timed after loading; and at
-    batch 1, which shows what batching can gain on this machine."""
+    batch 1, which shows what batching can gain on this machine. The two alternate (16, 1, 1, 16, …)."""
     code = f"""
-import json, time, torch
+import json, statistics, time, torch
 torch.set_num_threads(2)
 from cmft.inference import open_source, predict_texts
 loaded, backend = open_source({str(source)!r}, {onnx}, {int8})
 texts = json.load(open({str(texts_file)!r}))
 predict_texts(loaded, backend, texts[:8], 16)
-rates = {{}}
-for batch in (16, 1):
-    started = time.perf_counter()
-    predict_texts(loaded, backend, texts, batch)
-    rates[batch] = round(len(texts) / (time.perf_counter() - started), 1)
-print(json.dumps({{"texts_per_s": rates[16], "batch_size": 16, "texts_per_s_batch_1": rates[1]}}))
+rates = {{16: [], 1: []}}
+for round in range({rounds}):
+    for batch in ((16, 1) if round % 2 == 0 else (1, 16)):
+        started = time.perf_counter()
+        predict_texts(loaded, backend, texts, batch)
+        rates[batch].append(len(texts) / (time.perf_counter() - started))
+print(json.dumps({{"texts_per_s": round(statistics.median(rates[16]), 1), "batch_size": 16,
+                  "spread": round(max(rates[16]) - min(rates[16]), 1),
+                  "texts_per_s_batch_1": round(statistics.median(rates[1]), 1),
+                  "spread_batch_1": round(max(rates[1]) - min(rates[1]), 1), "rounds": {rounds}}}))
 """
     result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def median_round(results: list[dict]) -> dict:
+    """The round with the median texts/s (the lower one of an even count), with every round's rate and the spread."""
+    ordered = sorted(results, key=lambda r: r["texts_per_s"])
+    rates = [r["texts_per_s"] for r in results]
+    return {**ordered[(len(ordered) - 1) // 2], "texts_per_s_rounds": rates,
+            "spread": round(max(rates) - min(rates), 1), "errors": sum(r["errors"] for r in results)}  # fmt: skip
 
 
 def head_runs(encoder: str, given: dict[str, Path], work: Path, steps: int) -> dict[str, Path]:
@@ -164,19 +179,26 @@ def texts_for(task: str, n: int, seed: int) -> list[str]:
     return [generator.choice(pool) for _ in range(n)]
 
 
-def measure_head(name: str, source: Path, texts: list[str], work: Path, serve_args: list[str]) -> dict:
+def measure_head(name: str, source: Path, texts: list[str], work: Path, serve_args: list[str], rounds: int) -> dict:
     texts_file = work / f"{name}_texts.json"
     texts_file.write_text(json.dumps(texts))
     onnx = name == "icd_int8"
     extra = ["--onnx", "--int8"] if onnx else []
-    report: dict = {"texts": len(texts), "serve_args": serve_args}
-    for mode, args in (("batched", serve_args), ("unbatched", ["--no-batching"])):
-        service = Service(source, *extra, *args)
-        load(service, texts_file, 8)  # warm-up: first calls, allocator, thread pools
-        report[mode] = {f"c{c}": load(service, texts_file, c) for c in CONCURRENCY}
+    report: dict = {"texts": len(texts), "serve_args": serve_args, "rounds": rounds}
+    services = {"batched": Service(source, *extra, *serve_args), "unbatched": Service(source, *extra, "--no-batching")}
+    for service in services.values():
+        load(service, texts_file, 8)  # the same warm-up: first calls, allocator, thread pools
+    measured: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in CONCURRENCY} for mode in services}
+    for concurrency in CONCURRENCY:
+        for round_ in range(rounds):
+            order = ("batched", "unbatched") if round_ % 2 == 0 else ("unbatched", "batched")
+            for mode in order:
+                measured[mode][concurrency].append(load(services[mode], texts_file, concurrency))
+    for mode, service in services.items():
+        report[mode] = {f"c{c}": median_round(measured[mode][c]) for c in CONCURRENCY}
         report[mode]["exit_code"] = service.stop()
         print(name, mode, json.dumps(report[mode]), file=sys.stderr)
-    report["predict"] = predict_ceiling(source, texts_file, onnx, onnx)
+    report["predict"] = predict_ceiling(source, texts_file, onnx, onnx, rounds)
     c32, unbatched = report["batched"]["c32"], report["unbatched"]["c32"]
     report["speedup_vs_unbatched_c32"] = round(c32["texts_per_s"] / unbatched["texts_per_s"], 2)
     report["ratio_vs_predict_c32"] = round(c32["texts_per_s"] / report["predict"]["texts_per_s"], 2)
@@ -213,6 +235,8 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=10000)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--serve-args", default="", help="extra `cmft serve` options for the batched service")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per setting (AB, BA, …)")
+    parser.add_argument("--results", help="also write the record, with its provenance, to this file")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few requests, a short soak")
     args = parser.parse_args()
     if args.client:
@@ -228,7 +252,8 @@ def main() -> None:
         heads = {}
         for name, task in (("icd_coding", "icd_coding"), ("ner", "ner"), ("icd_int8", "icd_coding")):
             requests = args.requests * (4 if task == "ner" else 1)
-            heads[name] = measure_head(name, runs[name], texts_for(task, requests, 42), work, serve_args)
+            heads[name] = measure_head(name, runs[name], texts_for(task, requests, 42), work, serve_args,
+                                       args.rounds)  # fmt: skip
         soaked = soak(runs["ner"], args.soak, work, serve_args)
     icd = heads["icd_coding"]
     result = {
@@ -242,6 +267,11 @@ def main() -> None:
         "threads": 2,
         "median_p50_ms_c1": statistics.median(h["batched"]["c1"]["p50_ms"] for h in heads.values()),
     }
+    if args.results:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from provenance import provenance, write_results
+
+        write_results(args.results, {**provenance(), **result})
     print(json.dumps(result))
 
 
