@@ -4,11 +4,15 @@ A batch is gathered until its rows hold `max_batch_tokens` tokens or the oldest 
 its rows are then length-sorted and cut into forward passes of at most `max_batch_tokens` padded tokens and
 `max_batch_size` rows, run one at a time on a single worker thread (the model is never called concurrently). A pass
 that fails fails the requests with rows in it and no others. With batching off each request runs alone.
+
+`stop()` comes after the server drained its requests (uvicorn answers those in flight before the lifespan ends);
+whatever the batcher still holds then, queued or in a pass the drain gave up on, fails with `Stopped`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +26,10 @@ from cmft.inference import Backend, Loaded
 from cmft.tasks.base import Unit
 
 log = logging.getLogger("cmft.serve")
+
+
+class Stopped(RuntimeError):
+    """The batcher stopped before computing a request's rows."""
 
 
 @dataclass
@@ -61,17 +69,24 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmft-model")
         self.observe = observe or (lambda name, value: None)
         self.task: asyncio.Task | None = None
-        self.busy = 0  # requests taken from the queue and not answered yet
+        self.stopped = False
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        """After the server drained its requests: stop the loop and the worker thread."""
+        """After the server drained its requests: end the loop and fail what it still holds (`Stopped`). A pass
+        still running is not waited for; the worker thread ends after it and computes nothing more."""
+        self.stopped = True
         if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        self.executor.shutdown(wait=True)
+            while not self.task.done():  # again should a cancellation be lost (wait_for before Python 3.12)
+                self.task.cancel()
+                await asyncio.wait([self.task], timeout=0.1)
+            if not self.task.cancelled() and self.task.exception() is not None:
+                log.error("the batch loop had ended with %s", type(self.task.exception()).__name__)
+        while not self.queue.empty():
+            _abandon([self.queue.get_nowait()])
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def depth(self) -> int:
@@ -81,6 +96,8 @@ class Batcher:
         """The outputs of `units` (one request's rows), computed in some batch."""
         if not units:
             return []
+        if self.stopped:
+            raise Stopped("the batcher has stopped")
         job = Job(units, asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         self.observe("queue_depth", self.depth)
@@ -90,14 +107,14 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             jobs = await self._gather()
-            self.busy += len(jobs)
             try:
                 await asyncio.get_running_loop().run_in_executor(self.executor, self._compute, jobs)
-            except BaseException as exc:  # the executor itself failed: answer everyone, keep serving
+            except asyncio.CancelledError:  # stop(): the pass may still run, nobody waits for it
+                _abandon(jobs)
+                raise
+            except Exception as exc:  # the worker itself failed: answer everyone, keep serving
                 for job in jobs:
                     job.failed = job.failed or exc
-            finally:
-                self.busy -= len(jobs)
             for job in jobs:  # those not answered from the worker already
                 _answer(job)
             self.observe("queue_depth", self.depth)
@@ -115,8 +132,11 @@ class Batcher:
                     break
                 try:
                     job = await asyncio.wait_for(self.queue.get(), left)
-                except TimeoutError:
+                except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two in 3.10
                     break
+                except asyncio.CancelledError:  # stop() while waiting for more
+                    _abandon(jobs)
+                    raise
             else:
                 job = self.queue.get_nowait()
             jobs.append(job)
@@ -131,6 +151,8 @@ class Batcher:
         for job in jobs:
             job.outputs, job.missing = [None] * len(job.units), len(job.units)
         for batch in self._passes(rows, jobs):
+            if self.stopped:  # stop() failed these jobs already
+                return
             units = [jobs[j].units[k] for j, k in batch]
             owners = {j for j, _ in batch}
             if all(jobs[j].failed is not None for j in owners):
@@ -147,13 +169,13 @@ class Batcher:
                           type(exc).__name__, len(owners))  # fmt: skip
                 for j in owners:
                     jobs[j].failed = exc
-                    loop.call_soon_threadsafe(_answer, jobs[j])
+                    _post(loop, jobs[j])
                 continue
             for row, (j, k) in enumerate(batch):
                 jobs[j].outputs[k] = result[row]
                 jobs[j].missing -= 1
                 if jobs[j].missing == 0:  # answered now, not after the other passes of this batch
-                    loop.call_soon_threadsafe(_answer, jobs[j])
+                    _post(loop, jobs[j])
 
     def _passes(self, rows: list[tuple[int, int]], jobs: list[Job]) -> list[list[tuple[int, int]]]:
         """Consecutive length-sorted rows, cut where the padded size would pass the token or row limit."""
@@ -179,3 +201,16 @@ def _answer(job: Job) -> None:
         job.future.set_exception(job.failed)
     elif job.missing == 0:
         job.future.set_result(job.outputs)
+
+
+def _abandon(jobs: list[Job]) -> None:
+    """On the event loop, when the batcher stops: these requests fail (those answered already keep their answer)."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(Stopped("the server stopped before computing this request"))
+
+
+def _post(loop: asyncio.AbstractEventLoop, job: Job) -> None:
+    """From the worker thread: answer `job` on its event loop, unless that loop has closed (nobody waits then)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_answer, job)
