@@ -39,7 +39,8 @@ def evaluate_loaded(loaded: Loaded, backend: Backend, split: str = "dev", batch_
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | None = None) -> dict[str, Any]:
-    """`cmft evaluate`: metrics of `run_dir/model` on a split of its recipe (or on `data`, read as that split)."""
+    """`cmft evaluate`: metrics of `run_dir/model` on a split of its recipe (or on `data`, read as that split), and
+    the attention and dtype that ran (cmft.modeling.choose_inference)."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "model" / "config.json").is_file():
         raise CmftError(f"{run_dir}: not a finished fine-tuning run (needs recipe.yaml and model/)")
@@ -51,4 +52,5 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | No
     loaded = load_run(run_dir)
     if data is not None:  # read as that split
         setattr(loaded.recipe.data, split, str(Path(data).resolve()))
-    return evaluate_loaded(loaded, TorchBackend(loaded.module), split, loaded.recipe.training.eval_batch_size)
+    backend = TorchBackend(loaded.module)
+    return {**evaluate_loaded(loaded, backend, split, loaded.recipe.training.eval_batch_size), **backend.ran()}
