@@ -180,6 +180,91 @@ def test_auto_attention_rule(monkeypatch, cuda, flash_attn, capability, model_ty
         assert modeling.choose_attention("flex_attention", model_type, False).implementation == "flex_attention"
 
 
+def fake_device(monkeypatch, cuda: bool, flash_attn: bool, capability: int, bf16: bool) -> None:
+    """A CUDA GPU of `capability` (or none), with or without flash-attn installed and bf16 support."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (capability, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    real_find_spec = modeling.importlib.util.find_spec
+    monkeypatch.setattr(
+        modeling.importlib.util, "find_spec", lambda name: object() if flash_attn and name == "flash_attn" else (
+            None if name == "flash_attn" else real_find_spec(name))
+    )  # fmt: skip
+
+
+FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize(
+    ("cuda", "flash_attn", "capability", "bf16", "model_type", "parity", "expected"),
+    [(True, True, 8, True, "modernbert", False, ("flash_attention_2", BF16)),  # A100, H100, L4
+     (True, True, 8, False, "modernbert", False, ("flash_attention_2", FP16)),  # Ampere+ without bf16
+     (True, True, 7, False, "modernbert", False, ("cmft_banded", FP32)),  # T4 (7.5), V100 (7.0)
+     (True, True, 7, False, "bert", False, ("sdpa", FP32)),
+     (True, False, 9, True, "modernbert", False, ("cmft_banded", FP32)),  # no flash-attn installed
+     (True, True, 8, True, "bert", False, ("sdpa", FP32)),  # no local layers: nothing for flash to skip
+     (False, False, 8, False, "modernbert", False, ("cmft_banded", FP32)),  # CPU
+     (False, True, 8, False, "bert", False, ("sdpa", FP32)),
+     (True, True, 9, True, "modernbert", True, ("cmft_banded", FP32)),  # export parity: fp32, never flash
+     (True, True, 9, True, "bert", True, ("sdpa", FP32)),
+     (False, False, 8, False, "modernbert", True, ("cmft_banded", FP32))],
+)  # fmt: skip
+def test_inference_pair_works_on_every_device(monkeypatch, cuda, flash_attn, capability, bf16, model_type, parity,
+                                              expected):  # fmt: skip
+    """predict, evaluate, serve and the export's parity reference load with one (attention, dtype) pair that runs:
+    flash-attention only in bf16 (fp16 without bf16), never in fp32 and never as the parity reference."""
+    fake_device(monkeypatch, cuda, flash_attn, capability, bf16)
+    chosen = modeling.choose_inference(model_type, parity)
+    assert (chosen.implementation, chosen.dtype) == expected and chosen.reason
+    assert modeling.inference_dtype(chosen.implementation) == chosen.dtype
+    assert not (chosen.implementation == "flash_attention_2" and chosen.dtype == FP32)  # what inference ran before
+    if not cuda:  # CPU: unchanged, auto's attention in fp32
+        assert chosen.implementation == modeling.choose_attention("auto", model_type, False).implementation
+
+
+class FakeFlashModel(torch.nn.Module):
+    """A model whose config says flash-attention 2 (flash-attn itself is not needed): records its compute dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"_attn_implementation": "flash_attention_2"})()
+        self.linear = torch.nn.Linear(3, 2)
+        self.computed: list[torch.dtype] = []
+
+    def cuda(self, *args, **kwargs):  # the test machine has no GPU: stay on CPU
+        return self
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.linear(torch.stack([input_ids, attention_mask, input_ids], -1).float())
+        self.computed.append(hidden.dtype)
+        return hidden
+
+
+def test_torch_backend_runs_flash_attention_in_half_precision_not_fp32(monkeypatch):
+    """The bug: inference ran flash_attention_2 in fp32, which it has no kernels for. The back end now autocasts a
+    flash-attention model to bf16 (fp16 without bf16), returns float32, says what ran, and refuses fp32."""
+    from cmft.inference import TorchBackend
+
+    ids, mask = np.array([[1, 2, 3]]), np.array([[1, 1, 0]])
+    for bf16, dtype, name in ((True, BF16, "bf16"), (False, FP16, "fp16")):
+        fake_device(monkeypatch, True, True, 8, bf16)
+        model = FakeFlashModel()
+        backend = TorchBackend(model)  # the dtype follows the attention
+        if dtype == FP16:  # fp16 autocast on this CPU-only test machine: check the choice, not the kernels
+            assert backend.dtype == FP16 and backend.ran()["inference_dtype"] == "fp16"
+            continue
+        output = backend(ids, mask)
+        assert model.computed == [BF16], "flash-attention ran in fp32"
+        assert output.dtype == np.float32 and output.shape == (1, 3, 2)
+        assert backend.ran() == {"inference_attention": "flash_attention_2", "inference_dtype": name}
+    with pytest.raises(CmftError, match="flash_attention_2 has no fp32 kernels"):
+        TorchBackend(FakeFlashModel(), FP32)
+    fake_device(monkeypatch, False, False, 8, False)
+    plain = torch.nn.Linear(3, 2)  # no attention config: fp32, as before
+    backend = TorchBackend(plain)
+    assert backend.dtype == FP32 and backend.ran() == {"inference_attention": "unknown", "inference_dtype": "fp32"}
+
+
 def test_bf16_auto_follows_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)

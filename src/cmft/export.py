@@ -5,7 +5,8 @@ flash-attention) with dynamic batch and sequence axes. ModernBERT encoders are t
 (cmft.attention: local layers compute only their ±window band, exactly; global layers as onnxruntime's fused
 `com.microsoft.MultiHeadAttention`, recorded in parity.json's `fused_ops`), other encoders with eager attention
 (sdpa exports with NaN guards that cost onnxruntime 1.5x on long notes). Parity is checked against the PyTorch
-model that `cmft predict` runs (banded attention for ModernBERT, sdpa for others). The folder holds model.onnx
+model that `cmft predict` runs on CPU (fp32, banded attention for ModernBERT, sdpa for others, on any device:
+never flash-attention), named in parity.json's `reference`. The folder holds model.onnx
 (+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling, max_length), README.md (the
 model card, cmft.cards) and parity.json.
 """
@@ -116,9 +117,12 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
     backend = OnnxBackend(model_path)
     report: dict[str, Any] = {"task": task.name, "provider": backend.provider, "tolerance": config.tolerance,
                               "export_seconds": round(time.monotonic() - started, 1), "traced_attention": attention,
-                              "fused_ops": _fused_ops(model_path), "reference": "pytorch sdpa"}  # fmt: skip
-    reference = load_run(run_dir)  # parity against what `cmft predict` runs in PyTorch
-    per_length = _parity(reference, backend, config)
+                              "fused_ops": _fused_ops(model_path)}  # fmt: skip
+    reference = load_run(run_dir, parity=True)  # what `cmft predict` runs on CPU: banded or sdpa, fp32
+    reference_backend = TorchBackend(reference.module)
+    ran = reference_backend.ran()
+    report["reference"] = f"pytorch {ran['inference_attention']} {ran['inference_dtype']}"
+    per_length = _parity(reference, reference_backend, backend, config)
     report |= {"max_abs_diff": max(per_length.values()), "per_length": per_length}
     report["passed"] = report["max_abs_diff"] <= config.tolerance
     if quantize == "int8":
@@ -169,9 +173,9 @@ def _trace(loaded: Loaded, path: Path, config: ExportConfig) -> None:
         )  # fmt: skip
 
 
-def _parity(loaded: Loaded, backend: OnnxBackend, config: ExportConfig) -> dict[str, float]:
+def _parity(loaded: Loaded, torch_backend: TorchBackend, backend: OnnxBackend, config: ExportConfig
+            ) -> dict[str, float]:  # fmt: skip
     """Worst |onnx − torch| per checked length, over real (unpadded) positions for token outputs."""
-    torch_backend = TorchBackend(loaded.module)
     result = {}
     for length in config.check_lengths:
         ids, mask = _sample(loaded, length, config.check_batch, seed=length)

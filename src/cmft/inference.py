@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,13 @@ def run_kind(run_dir: Path) -> str:
     return "pretrain"
 
 
-def load_run(run_dir: str | Path, attention: str | None = None) -> Loaded:
-    """The torch inference module of a finished fine-tuning or pretraining run, on CPU in eval mode.
+def load_run(run_dir: str | Path, attention: str | None = None, parity: bool = False) -> Loaded:
+    """The torch inference module of a finished fine-tuning or pretraining run, on CPU in eval mode (fp32 weights).
 
-    `attention`: None picks by cmft.modeling.choose_attention's rule (banded for ModernBERT: exact, and long notes
-    cost O(length × window)); cmft.export passes the form it traces."""
+    `attention`: None picks by cmft.modeling.choose_inference's rule for this machine (flash-attention 2 on an
+    Ampere-or-newer GPU with flash-attn, which TorchBackend runs in bf16; else banded for ModernBERT: exact, and
+    long notes cost O(length × window); sdpa for other encoders); `parity`: the export's fp32 reference (never
+    flash-attention). cmft.export passes the form it traces as `attention`."""
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
@@ -74,9 +77,9 @@ def load_run(run_dir: str | Path, attention: str | None = None) -> Loaded:
         recipe = build_config(RecipeConfig, read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
     task = task_class(recipe.task if recipe is not None else BARE_ENCODER)
     if attention is None:
-        from cmft.modeling import choose_attention, model_type_of
+        from cmft.modeling import choose_inference, model_type_of
 
-        attention = choose_attention("auto", model_type_of(str(model_dir)), training=False).implementation
+        attention = choose_inference(model_type_of(str(model_dir)), parity).implementation
     module, meta = task.load_inference(model_dir, recipe, attention)
     return Loaded(task, tokenizer, meta, module, recipe=recipe, run_dir=run_dir)
 
@@ -117,23 +120,52 @@ def open_source(source: str | Path, onnx: bool, int8: bool = False) -> tuple[Loa
 
 
 # back ends ----------------------------------------------------------------------------------------------------
+def attention_of(module: nn.Module) -> str | None:
+    """The attention implementation of the (first) transformers model inside `module`, wrappers included."""
+    for part in module.modules():
+        implementation = getattr(getattr(part, "config", None), "_attn_implementation", None)
+        if isinstance(implementation, str):
+            return implementation
+    return None
+
+
 class TorchBackend:
+    """Runs a module on the GPU when there is one, in the dtype its attention works in (cmft.modeling
+    .inference_dtype): fp32, or bf16/fp16 autocast under flash-attention 2, which has no fp32 kernels. Autocast, not
+    a cast of the weights: a fine-tuning run's final metrics use the in-memory model that is saved afterwards in
+    fp32, and bf16 autocast is how the Trainer evaluated it on dev while choosing the checkpoint."""
+
     name = "torch"
     provider = "torch-cpu"
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, dtype: Any = None):
         import torch
+
+        from cmft.modeling import inference_dtype
 
         self.module = module
         self.torch = torch
+        self.attention = attention_of(module)
+        self.dtype = inference_dtype(self.attention) if dtype is None else dtype
+        if self.attention == "flash_attention_2" and self.dtype == torch.float32:
+            raise CmftError("flash_attention_2 has no fp32 kernels: run it in bf16 or fp16 (or load the model with "
+                            "banded or sdpa attention)")  # fmt: skip
         if torch.cuda.is_available():
             self.module = module.cuda()
             self.provider = "torch-cuda"
 
+    def ran(self) -> dict[str, str]:
+        """What the forward pass ran, for metrics.json: the attention implementation and the dtype."""
+        from cmft.modeling import DTYPE_NAMES
+
+        dtype = DTYPE_NAMES.get(self.dtype, str(self.dtype))
+        return {"inference_attention": self.attention or "unknown", "inference_dtype": dtype}
+
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         torch = self.torch
         device = next(self.module.parameters()).device
-        with torch.inference_mode():
+        half = torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+        with torch.inference_mode(), half:
             output = self.module(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device))
         return output.float().cpu().numpy()
 

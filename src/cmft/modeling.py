@@ -63,6 +63,41 @@ def choose_attention(choice: str, model_type: str | None, training: bool, field:
     return Attention(choice, choice, reason)
 
 
+class Inference(NamedTuple):
+    implementation: str
+    """What transformers' `attn_implementation` gets."""
+    dtype: torch.dtype
+    """What the forward pass computes in (cmft.inference.TorchBackend autocasts to it; weights stay fp32)."""
+    reason: str
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def inference_dtype(implementation: str | None) -> torch.dtype:
+    """flash-attention 2 has no fp32 kernels: it runs in bf16 (fp16 on a GPU without bf16); every other
+    implementation in fp32 (exact, as trained weights are kept)."""
+    if implementation != "flash_attention_2":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def choose_inference(model_type: str | None, parity: bool = False) -> Inference:
+    """The (attention, dtype) pair that `cmft predict`, `cmft evaluate`, `cmft serve` and the export's parity
+    reference load a saved model with, by choose_attention's rule for the machine they run on:
+    flash-attention 2 in bf16 (fp16 where bf16 is unsupported) with flash-attn on an Ampere-or-newer GPU and a
+    ModernBERT encoder; otherwise fp32 with banded attention (ModernBERT) or sdpa (other encoders): on CPU, a T4 or
+    V100, or without flash-attn. `parity` (the export's check against its traced fp32 graph, which never traces
+    flash-attention): always fp32 with banded or sdpa, on any device."""
+    attention = choose_attention("auto", model_type, training=False)
+    if attention.implementation == "flash_attention_2" and parity:
+        from cmft.attention import register
+
+        attention = Attention("banded", register(), "export parity check: fp32 against the traced fp32 graph")
+    dtype = inference_dtype(attention.implementation)
+    return Inference(attention.implementation, dtype, f"{attention.reason}; {DTYPE_NAMES[dtype]}")
+
+
 def model_type_of(source: str, trust_remote_code: bool = False) -> str | None:
     """The `model_type` of a model folder or hub id (config.json only)."""
     from transformers import AutoConfig

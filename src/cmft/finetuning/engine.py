@@ -22,7 +22,7 @@ from cmft.finetuning.config import RecipeConfig, step_schedule
 from cmft.finetuning.rates import resolve_learning_rate
 from cmft.inference import TorchBackend
 from cmft.memory import choose_checkpointing, enable_checkpointing
-from cmft.modeling import check_model_source, choose_attention, hub_error, model_type_of
+from cmft.modeling import DTYPE_NAMES, check_model_source, choose_attention, choose_inference, hub_error, model_type_of
 from cmft.runs import finish_run
 from cmft.tasks import get_task
 from cmft.tracking import trackers as check_trackers
@@ -115,7 +115,8 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     set_seed(recipe.seed)
     started = time.monotonic()
     encoder = resolve_encoder(recipe.model.encoder)
-    chosen = choose_attention(recipe.model.attention, model_type_of(encoder, recipe.model.trust_remote_code), True)
+    model_type = model_type_of(encoder, recipe.model.trust_remote_code)
+    chosen = choose_attention(recipe.model.attention, model_type, True)
     log.info("model.attention: %s → %s (%s)", recipe.model.attention, chosen.choice, chosen.reason)
     recipe.model.attention = chosen.choice  # recipe.yaml records the choice
     check_encoder(recipe, encoder, task)
@@ -125,7 +126,9 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     model = task.build_model(encoder, chosen.implementation, recipe.model.trust_remote_code)
     why = _set_checkpointing(recipe, task, model, chosen.implementation)
     if distributed.is_main():  # as resolved: what `auto` chose for attention and checkpointing, and why
-        notes = {"model.attention": chosen.reason, "training.gradient_checkpointing": why}
+        inference = choose_inference(model_type)  # what predict, evaluate and serve load the model with here
+        used = f"inference here: {inference.implementation} in {DTYPE_NAMES[inference.dtype]}"
+        notes = {"model.attention": f"{chosen.reason}; {used}", "training.gradient_checkpointing": why}
         dump_config(recipe, work / "recipe.yaml", notes | ({"training.learning_rate": rate_why} if rate_why else {}))
     heads = task.head_modules(model)
     if recipe.tuning.method == "lora":
@@ -179,7 +182,9 @@ def _trained_model(trainer: Any, task: Any, recipe: RecipeConfig, tokenizer: Any
 
 
 def _final_metrics(task: Any, model: Any, recipe: RecipeConfig, pad_id: int, report: dict[str, Any]) -> dict:
-    """Dev metrics (settings such as the ICD threshold are tuned here) and the test split's, or dev's without one."""
+    """Dev metrics (settings such as the ICD threshold are tuned here) and the test split's, or dev's without one,
+    computed on the in-memory model with the attention it was trained with (its fp32 weights autocast to bf16/fp16
+    under flash-attention, as the Trainer's dev evaluations ran), and what ran."""
     backend = TorchBackend(task.inference_module(model).eval())
     batch = recipe.training.eval_batch_size
     dev_metrics = evaluate(task, backend, "dev", batch, pad_id, tune=True) if "dev" in task.datasets else {}
@@ -191,7 +196,7 @@ def _final_metrics(task: Any, model: Any, recipe: RecipeConfig, pad_id: int, rep
     metrics = task.score(outputs, split) if split != "dev" else dict(dev_metrics)
     metrics |= {"split": split, **task.counts(split)}
     metrics |= {f"dev_{k}": v for k, v in dev_metrics.items() if isinstance(v, (int, float))}
-    metrics |= report
+    metrics |= report | backend.ran()
     return {**metrics, "_outputs": outputs}
 
 
