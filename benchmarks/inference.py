@@ -13,7 +13,10 @@ the run's dev split, with its dev metric; `ort_fp32_unfused` and `ort_int8_unfus
 the fused global attention (`cmft.attention.FUSED_GLOBAL_ATTENTION`), the before of each before/after.
 
     python benchmarks/inference.py [--encoder runs/pretrain/latest/model] [--steps 60] [--threads 2]
-        [--run note_classification=runs/finetune/...] [--repeats 12]
+        [--run note_classification=runs/finetune/...] [--repeats 12] [--results benchmarks/results/inference.json]
+
+onnxruntime's speed-up over torch depends on the CPU (its vector extensions: AVX2, AVX-512, VNNI, AMX): the results
+file records the CPU model and its extensions beside the figures.
 
 Prints one JSON line last: {"min_speedup_fp32", "min_speedup_int8", "max_int8_metric_loss",
 "batch8x256_matmul_bound", "heads": {...}}.
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--run", action="append", default=[], help="TASK=RUN_DIR: use this finished run")
+    parser.add_argument("--results", help="also write the record, with its provenance, to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     given = dict(item.split("=", 1) for item in args.run)
@@ -231,10 +235,15 @@ def main() -> None:
     losses = [h["int8_metric_loss"] for h in heads.values() if h["int8_metric_loss"] is not None]
     floor = {name: min(h["batch8x256"]["ort_profile"][name]["max_speedup_if_only_matmuls_ran"] for h in heads.values())
              for name in ("ort_fp32", "ort_int8")}  # fmt: skip
-    print(json.dumps({"benchmark": "inference", "threads": args.threads, "min_speedup_fp32": min(speedups),
-                      "min_speedup_int8": min(speedups_int8), "max_int8_metric_loss": max(losses) if losses else None,
-                      "batch8x256_matmul_bound": floor, "heads": heads}))  # fmt: skip
+    result = {"benchmark": "inference", "threads": args.threads, "min_speedup_fp32": min(speedups),
+              "min_speedup_int8": min(speedups_int8), "max_int8_metric_loss": max(losses) if losses else None,
+              "batch8x256_matmul_bound": floor, "heads": heads}  # fmt: skip
+    if args.results:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from provenance import provenance, write_results
 
+        write_results(args.results, {**provenance(), **result})
+    print(json.dumps(result))
 
 if __name__ == "__main__":
     main()

@@ -75,11 +75,12 @@ def random_encoder(pretrained: Path, folder: Path) -> Path:
     return folder
 
 
-def cmft_row(task: str, encoder: str, seed: int, extra: list[str], out: Path) -> tuple[float, float]:
+def cmft_row(task: str, encoder: str, seed: int, extra: list[str], out: Path) -> tuple[float, float, float | None]:
+    """(test metric, seconds, dev metric): choices are made on dev, so the results keep it beside test."""
     started = time.monotonic()
     run = finetune(task, [f"model.encoder={encoder}", f"seed={seed}", *extra], output_dir=out)
     metrics = json.loads((run / "metrics.json").read_text())
-    return metrics[METRIC[task]], time.monotonic() - started
+    return metrics[METRIC[task]], time.monotonic() - started, metrics.get(f"dev_{METRIC[task]}")
 
 
 def lora_overrides(task: str) -> list[str]:
@@ -203,12 +204,14 @@ def run_task(task: str, encoders: dict[str, str], seeds: list[int], smoke: bool,
                 continue
             if record is None:
                 out = root / f"{task}-{row}-{seed}"
+                dev = None
                 if row == "minilm_hf":
                     tag = hashlib.sha256(key.encode()).hexdigest()[:12]
                     value, took = hf_row(task, encoder, seed, budget, (work or root) / f"{task}-{row}-{seed}-{tag}")
                 else:
-                    value, took = cmft_row(task, encoder, seed, [*extra, *variant], out)
-                store.add(key, {"task": task, "row": row, "seed": seed, "value": value, "seconds": took})
+                    value, took, dev = cmft_row(task, encoder, seed, [*extra, *variant], out)
+                store.add(key, {"task": task, "row": row, "seed": seed, "value": value, "dev_value": dev,
+                                "seconds": took})  # fmt: skip
                 note = ""
             else:
                 value, took, note = record["value"], record["seconds"], " (from the results file)"

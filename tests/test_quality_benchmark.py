@@ -50,7 +50,7 @@ def test_quality_results_file_resumes_without_rerunning(tiny_encoder, tmp_path, 
 
     def fake_cmft_row(task, encoder, seed, extra, out):
         calls.append((task, seed))
-        return 0.25 + seed / 1000, 1.5
+        return 0.25 + seed / 1000, 1.5, 0.2
 
     monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
     first = quality.run_task("ner", encoders, [1, 2], False, tmp_path, ("tiny_pretrained",),
@@ -124,7 +124,7 @@ def test_lora_row_trains_at_the_lora_recipes_rate(tiny_encoder, tmp_path, monkey
 
     def fake_cmft_row(task, encoder, seed, extra, out):
         seen.append(extra)
-        return 0.5, 1.0
+        return 0.5, 1.0, 0.4
 
     monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
     results = tmp_path / "quality.jsonl"
@@ -152,7 +152,7 @@ def test_icd_full_row_trains_at_the_pretrained_encoder_rate(tiny_encoder, tmp_pa
 
     def fake_cmft_row(task, encoder, seed, extra, out):
         seen.append((task, extra))
-        return 0.5, 1.0
+        return 0.5, 1.0, 0.4
 
     monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
     results = tmp_path / "quality.jsonl"
@@ -187,7 +187,7 @@ def test_small_pretraining_row_uses_its_own_encoder(tiny_encoder, tmp_path, monk
 
     def fake_cmft_row(task, encoder, seed, extra, out):
         seen.append(encoder)
-        return 0.5 + len(seen) / 100, 1.0
+        return 0.5 + len(seen) / 100, 1.0, 0.4
 
     monkeypatch.setattr(quality, "cmft_row", fake_cmft_row)
     store = quality.ResultStore(tmp_path / "quality.jsonl", fresh=False)
