@@ -245,5 +245,6 @@ def main() -> None:
         write_results(args.results, {**provenance(), **result})
     print(json.dumps(result))
 
+
 if __name__ == "__main__":
     main()
