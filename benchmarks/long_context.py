@@ -22,7 +22,8 @@ Part 3, whole-note ICD coding at 8,192 tokens with a ModernBERT-base-geometry en
 encoder's tokenizer): a few steps at batch 1, then test predictions; time and peak memory.
 
     python benchmarks/long_context.py [--quick] [--encoder runs/pretrain/latest/model] [--skip-icd]
-        [--lengths 1024 2048 4096 8192] [--repeats 3] [--results benchmarks/results/long_context.json]
+        [--lengths 1024 2048 4096 8192] [--repeats 3] [--skip-checkpointing]
+        [--results benchmarks/results/long_context.json]
     python benchmarks/long_context.py --short     # the rule's short end: batch 8 at 128 / 256 / 512 tokens
     python benchmarks/long_context.py --memory    # peak memory at 8,192 tokens with glibc's mmap threshold fixed
 
@@ -138,7 +139,8 @@ def run_setting(spec: dict, in_process: bool = False) -> dict:
     return row
 
 
-def encoder_benchmark(geometry: dict, lengths: list[int], quick: bool, folder: Path, repeats: int) -> list[dict]:
+def encoder_benchmark(geometry: dict, lengths: list[int], quick: bool, folder: Path, repeats: int,
+                      checkpointing_rows: bool = True) -> list[dict]:  # fmt: skip
     rows = []
     longest = max(lengths)
     for length in lengths:
@@ -148,7 +150,7 @@ def encoder_benchmark(geometry: dict, lengths: list[int], quick: bool, folder: P
             plan.append(("flex", "forward", False))
         if not quick or length == longest:
             plan += [("sdpa", "train", False), ("cmft", "train", False)]
-        if length == longest:
+        if length == longest and checkpointing_rows:
             plan += [("sdpa", "train", True), ("cmft", "train", True)]
         for path, mode, checkpointing in plan:
             rows.append(run_setting({"path": path, "mode": mode, "length": length, "checkpointing": checkpointing,
@@ -330,6 +332,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="only peak memory at 8,192 tokens, allocator pinned")
     parser.add_argument("--lengths", type=int, nargs="+", help="default 1024 2048 4096 8192 (quick: 256 1024)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting, after one warm-up call")
+    parser.add_argument("--skip-checkpointing", action="store_true", help="no checkpointed forward+backward rows")
     parser.add_argument("--results", help="also write the record, with its provenance, to this file")
     parser.add_argument("--child")
     args = parser.parse_args()
@@ -347,7 +350,8 @@ def main() -> None:
     lengths = args.lengths or ([256, 1024] if args.quick else [1024, 2048, 4096, 8192])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        rows = encoder_benchmark(SMALL if args.quick else BASE, lengths, args.quick, folder, args.repeats)
+        rows = encoder_benchmark(SMALL if args.quick else BASE, lengths, args.quick, folder, args.repeats,
+                                 not args.skip_checkpointing)  # fmt: skip
         report = {"benchmark": "long_context", "geometry": "small (quick)" if args.quick else "modernbert-base",
                   "threads": THREADS, "batch": 1, "lengths": lengths, "baselines": "transformers sdpa as shipped; "
                   "flex_attention (transformers, torch.compile, forward only)", "settings": rows}  # fmt: skip
