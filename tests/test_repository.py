@@ -50,8 +50,10 @@ def test_no_machine_paths_in_code_tests_ci_or_results():
 
 
 def test_the_machine_path_pattern_finds_what_it_must():
-    assert MACHINE_PATH.search('"train": "/tmp/tmpab12/long_notes/train.jsonl"')
-    assert MACHINE_PATH.search("cd /work/main && make")
-    assert MACHINE_PATH.search("/root/.cache/x")
+    root = "/"  # joined here, so that this file holds no machine path itself
+    assert MACHINE_PATH.search(f'"train": "{root}tmp/tmpab12/long_notes/train.jsonl"')
+    assert MACHINE_PATH.search(f"cd {root}work/main && make")
+    assert MACHINE_PATH.search(f"{root}root/.cache/x")
+    assert MACHINE_PATH.search(f"({root}home/user/runs)")
     assert not MACHINE_PATH.search("cmft finetune ner model.encoder=/path/to/encoder")
     assert not MACHINE_PATH.search("runs/tmp/x and ./tmp/ and ~/work/")
