@@ -59,13 +59,20 @@ def versions() -> dict:
     return {"python": platform.python_version(), **found}
 
 
+def _relative(argument: str) -> str:
+    """An argument naming a path inside the checkout, as the README's commands name it (from the checkout's root)."""
+    for prefix in ("", "--results=", "--encoder="):
+        if argument.startswith(prefix) and Path(argument[len(prefix) :]).is_absolute():
+            path = Path(argument[len(prefix) :])
+            if path.is_relative_to(ROOT):
+                return prefix + str(path.relative_to(ROOT))
+    return argument
+
+
 def provenance(argv: list[str] | None = None) -> dict:
     """The facts a results record starts with."""
     argv = sys.argv if argv is None else argv
-    script = Path(argv[0])
-    if script.is_absolute() and script.is_relative_to(ROOT):  # name the script as the README's commands do
-        script = script.relative_to(ROOT)
-    command = shlex.join(["python", str(script), *argv[1:]])
+    command = shlex.join(["python", *(_relative(argument) for argument in argv)])
     return {"command": command, "commit": commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "machine": {**cpu(), "platform": platform.platform(terse=True)}, "versions": versions()}  # fmt: skip
 
