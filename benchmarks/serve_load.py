@@ -130,8 +130,8 @@ loaded, backend = open_source({str(source)!r}, {onnx}, {int8})
 texts = json.load(open({str(texts_file)!r}))
 predict_texts(loaded, backend, texts[:8], 16)
 rates = {{16: [], 1: []}}
-for round in range({rounds}):
-    for batch in ((16, 1) if round % 2 == 0 else (1, 16)):
+for turn in range({rounds}):
+    for batch in ((16, 1) if turn % 2 == 0 else (1, 16)):
         started = time.perf_counter()
         predict_texts(loaded, backend, texts, batch)
         rates[batch].append(len(texts) / (time.perf_counter() - started))
