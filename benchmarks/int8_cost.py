@@ -74,7 +74,9 @@ def main() -> None:
             if name in given:
                 run = Path(given[name])
             else:
-                run = finetune(recipe, [f"model.encoder={encoder or minilm_path()}"], output_dir=root / name)
+                # MiniLM-L6 reads at most 512 positions: the recipe otherwise as it ships
+                extra = [] if encoder else ["training.max_length=512"]
+                run = finetune(recipe, [f"model.encoder={encoder or minilm_path()}", *extra], output_dir=root / name)
             folder, _ = export_run(run, root / f"export-{name}", quantize="int8")
             runs[name] = score(run, folder)
             print(name, json.dumps(runs[name]), file=sys.stderr, flush=True)
