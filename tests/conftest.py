@@ -75,6 +75,15 @@ def _merge(base: dict, update: dict) -> None:
             base[key] = value
 
 
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """Rows (dicts with the same keys) as a CSV file with a header."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def run_cmft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (exit codes and stderr as a user sees them)."""
     return subprocess.run(

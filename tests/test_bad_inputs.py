@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from cmft.finetuning.run import finetune
-from tests.conftest import REPO, SMALL_PRETRAIN, run_inline
+from tests.conftest import REPO, SMALL_PRETRAIN, run_inline, write_csv
 
 QUICK = ["training.max_steps=2", "training.eval_every=1", "training.max_length=64", "training.threads=2"]
 MARKER = "ZQXMARKER7731"
@@ -61,14 +61,6 @@ class World:
         data = yaml.safe_load(yaml.safe_dump(SMALL_PRETRAIN))
         data["corpus"]["sources"] = sources
         return self.write("pretrain.yaml", yaml.safe_dump(data))
-
-
-def _csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def _mts_rows(n: int = 12) -> list[dict]:
@@ -250,7 +242,7 @@ def finetune_empty_data_file(w):
 @case
 def finetune_all_notes_empty(w):
     rows = [{**row, "section_text": "   "} for row in _mts_rows()]
-    train = _csv(w.tmp / "blank_notes.csv", rows)
+    train = write_csv(w.tmp / "blank_notes.csv", rows)
     return ["finetune", "note_classification", w.enc, f"data.train={train}", *w.out()], [
         "blank_notes.csv",
         "no non-empty example",
@@ -276,7 +268,7 @@ def finetune_binary_data(w):
 @case
 def finetune_missing_label_column(w):
     rows = [{k: v for k, v in row.items() if k != "section_header"} for row in _mts_rows()]
-    train = _csv(w.tmp / "no_labels.csv", rows)
+    train = write_csv(w.tmp / "no_labels.csv", rows)
     return ["finetune", "note_classification", w.enc, f"data.train={train}", *w.out()], [
         "no_labels.csv",
         "no field 'section_header'",
@@ -287,7 +279,7 @@ def finetune_missing_label_column(w):
 def finetune_unknown_dev_label(w):
     rows = _mts_rows(40)
     rows[3]["section_header"] = "NOT_A_SECTION"
-    dev = _csv(w.tmp / "dev_unknown_label.csv", rows)
+    dev = write_csv(w.tmp / "dev_unknown_label.csv", rows)
     return ["finetune", "note_classification", w.enc, f"data.dev={dev}", *w.out()], [
         "dev_unknown_label.csv",
         "not in the train labels",

@@ -17,7 +17,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from cmft.finetuning.run import finetune
-from tests.conftest import REPO
+from tests.conftest import REPO, write_csv
 
 FAST = ["training.threads=2", "training.early_stopping_patience=null", "training.warmup_ratio=0"]
 UNTRAINED = ["training.max_steps=1", "training.learning_rate=1e-12", "training.head_learning_rate=1e-12"]
@@ -48,20 +48,12 @@ def _mts_rows(split: str, headers: set[str], per_class: int | None = None) -> li
     return kept
 
 
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 @pytest.mark.slow
 def test_note_classification_beats_the_majority_class(tiny_encoder, tmp_path):
     headers = {"GENHX", "FAM/SOCHX", "MEDICATIONS", "ALLERGY"}
-    train = _write_csv(tmp_path / "train.csv", _mts_rows("train", headers, per_class=50))
+    train = write_csv(tmp_path / "train.csv", _mts_rows("train", headers, per_class=50))
     test_rows = _mts_rows("test1", headers)
-    test = _write_csv(tmp_path / "test.csv", test_rows)
+    test = write_csv(tmp_path / "test.csv", test_rows)
     gold = [row["section_header"] for row in test_rows]
     majority = Counter(gold).most_common(1)[0][0]
     baseline = f1_score(gold, [majority] * len(gold), average="macro", labels=sorted(headers))
@@ -108,8 +100,8 @@ def test_retrieval_beats_the_encoder_before_training(tiny_encoder, tmp_path):
     "None.", which would leave the in-batch loss nothing to learn from)."""
     with open(REPO / "data/mts_dialog/train.csv", encoding="utf-8", newline="") as handle:
         rows = list({row["section_text"]: row for row in csv.DictReader(handle)}.values())
-    train = _write_csv(tmp_path / "train.csv", rows[:320])
-    test = _write_csv(tmp_path / "test.csv", rows[320:420])
+    train = write_csv(tmp_path / "train.csv", rows[:320])
+    test = write_csv(tmp_path / "test.csv", rows[320:420])
     data = [f"data.train={train}", f"data.dev={test}", f"data.test={test}", "training.max_length=128"]
     trained, untrained = _trained_and_untrained("retrieval", tiny_encoder, tmp_path, data,
                                                 ["training.max_steps=40", "training.learning_rate=0.0005"])  # fmt: skip

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cmft.data.readers import iter_records
 from cmft.errors import CmftError
 from cmft.paths import bundled_folder
 from cmft.pretraining.config import CorpusConfig, SourceConfig
@@ -85,19 +86,15 @@ def _files_of(path_spec: str) -> list[Path]:
 
 
 def _first_bad_json_line(path: Path, text_field: str) -> str | None:
-    """The first line that is not a JSON object with a string `text_field`; None when every line is."""
+    """The first line that is not a JSON object with a string `text_field`; None when every line is (or the file
+    cannot be read now: the caller then reports the stream's own failure)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    return f"line {number} is not valid JSON"
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    return f"line {number} has no string field {text_field!r}"
-    except OSError:  # unreadable now: the caller reports the stream's own failure
+        for number, record in iter_records(path, "jsonl"):
+            if not isinstance(record.get(text_field), str):
+                return f"line {number} has no string field {text_field!r}"
+    except CmftError as exc:  # bad JSON, not an object, not UTF-8: the reader's own words
+        return str(exc).removeprefix(f"{path}: ")
+    except OSError:
         return None
     return None
 
