@@ -25,7 +25,8 @@ from tests.conftest import run_cmft
 
 SHORT = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128", "training.eval_batch_size=64"]
 ICD_METRICS = ("micro_f1", "macro_f1", "micro_auc", "macro_auc", "precision_at_5", "precision_at_8", "recall_at_15",
-               "map", "threshold")  # fmt: skip
+               "map", "threshold", "micro_f1_all_codes", "macro_f1_all_codes", "precision_all_codes",
+               "recall_all_codes", "label_space_coverage", "n_codes_never_predicted", "micro_f1_category")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(bundled_configs("recipes")))
@@ -96,6 +97,15 @@ def test_icd_coding_run_folder_and_threshold(icd_run):
         assert key in metrics
     assert metrics["n_labels"] == 247  # codes with ≥ 5 CodiEsp train documents
     assert metrics["n_codes_outside_label_space_test"] > 0
+    # over all gold codes: the codes outside the label space are misses, so recall can only fall
+    assert metrics["micro_f1_all_codes"] <= metrics["micro_f1"]
+    assert metrics["recall_all_codes"] <= metrics["label_space_coverage"]
+    assert 0.5 < metrics["label_space_coverage"] < 0.6  # 247 codes cover 54% of CodiEsp test's gold labels
+    assert set(metrics["f1_by_train_frequency"]) == {"0", "1", "2-4", "5-9", "10-49", "50+"}
+    assert set(metrics["dev_f1_by_train_frequency"]) == set(metrics["f1_by_train_frequency"])
+    card = (icd_run / "model" / "README.md").read_text()
+    assert "count only the 247 codes the model can output" in card and "| label_space_coverage |" in card
+    assert "f1 by train frequency:" in card and "| 2-4 |" in card
     settings = json.loads((icd_run / "model" / "icd_coding.json").read_text())
     assert settings["threshold"] == metrics["threshold"] == metrics["dev_threshold"]  # tuned on dev, applied on test
     assert (icd_run / "plots" / "per_label_precision_recall.png").is_file()

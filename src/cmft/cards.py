@@ -148,7 +148,7 @@ def render(facts: RunFacts, meta: dict[str, Any], usage: list[tuple[str, str]], 
         "## Training data\n\n" + "\n".join(f"- {line}" for line in data_lines(sources)),
         "## Training procedure\n\nThe run's settings as resolved (its `recipe.yaml`; `auto` values replaced by what "
         "they chose):\n\n```yaml\n" + yaml.safe_dump(settings, sort_keys=False).strip() + "\n```",
-        "## Evaluation\n\n" + evaluation(facts.metrics),
+        "## Evaluation\n\n" + evaluation(facts.metrics, task.metrics_note),
         "## Limitations and bias\n\n" + LIMITATIONS,
     ]
     if export is not None:
@@ -272,7 +272,7 @@ def quality_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     }  # fmt: skip
 
 
-def evaluation(metrics: dict[str, Any]) -> str:
+def evaluation(metrics: dict[str, Any], note: str = "") -> str:
     split = metrics.get("split", "test")
     counts = {key: value for key, value in metrics.items() if key.startswith("n_") and isinstance(value, int)
               and not key.endswith(("_train", "_dev")) }  # fmt: skip
@@ -283,6 +283,13 @@ def evaluation(metrics: dict[str, Any]) -> str:
     text = [f"On the `{split}` split ({', '.join(f'{k} {v}' for k, v in counts.items())}), after training; dev is "
             "the split that chose the checkpoint (and tuned any threshold).", "",
             f"| metric | {split} | dev |", "|---|---|---|", *rows]  # fmt: skip
+    if note:
+        text += ["", note.format(n_labels=metrics.get("n_labels", "its"))]
+    for name, flat in metrics.items():  # a bucket → figure table, e.g. F1 by train frequency
+        if isinstance(flat, dict) and flat and all(v is None or isinstance(v, (int, float)) for v in flat.values()):
+            dev = metrics.get(f"dev_{name}") or {}
+            text += ["", f"{name.replace('_', ' ')}:", "", f"| | {split} | dev |", "|---|---|---|"]
+            text += [f"| {key} | {_number(value)} | {_number(dev.get(key))} |" for key, value in flat.items()]
     for name, nested in metrics.items():
         if isinstance(nested, dict) and all(isinstance(v, dict) for v in nested.values()):
             text += ["", f"{name.replace('_', ' ')}:", "", "| | " + " | ".join(_columns(nested)) + " |",

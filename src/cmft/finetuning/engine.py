@@ -195,7 +195,7 @@ def _final_metrics(task: Any, model: Any, recipe: RecipeConfig, pad_id: int, rep
     report[f"{split}_{unit}_per_s"] = round(len(outputs) / (time.monotonic() - started), 2)
     metrics = task.score(outputs, split) if split != "dev" else dict(dev_metrics)
     metrics |= {"split": split, **task.counts(split)}
-    metrics |= {f"dev_{k}": v for k, v in dev_metrics.items() if isinstance(v, (int, float))}
+    metrics |= {f"dev_{k}": v for k, v in dev_metrics.items() if _flat_figure(v)}
     metrics |= report | backend.ran()
     return {**metrics, "_outputs": outputs}
 
@@ -229,6 +229,13 @@ def _build_trainer(recipe: RecipeConfig, task: Any, model: Any, tokenizer: Any, 
     quiet_trainer(trainer)
     trainer.setup_safety(t.divergence_factor)
     return trainer
+
+
+def _flat_figure(value: Any) -> bool:
+    """A number, or a flat mapping of numbers (a bucket → F1 table): what metrics.json repeats for dev."""
+    if isinstance(value, dict):
+        return all(v is None or isinstance(v, (int, float)) for v in value.values())
+    return isinstance(value, (int, float))
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:

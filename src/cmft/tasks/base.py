@@ -120,6 +120,7 @@ class Task:
     card_usage: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS_USAGE}
     card_adapter: ClassVar[str | None] = TRANSFORMERS_ADAPTER
     card_decode: ClassVar[str] = ""  # how the transformers lines turn logits into a prediction
+    metrics_note: ClassVar[str] = ""  # the card's words on what its evaluation figures count ({n_labels})
 
     def __init__(self, recipe: Any = None):
         self.recipe = recipe

@@ -18,27 +18,12 @@ from cmft.errors import CmftError
 from cmft.heads import LabelAttentionHead, PooledHead
 from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
 from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
+from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, METRICS_NOTE
 from cmft.tasks.icd_labels import init_queries_from_descriptions, normalize_code, per_label_plot
+from cmft.tasks.icd_metrics import all_code_metrics
 
 HEAD_WEIGHTS = "icd_head.safetensors"
 HEAD_CONFIG = "icd_coding.json"
-CARD_ADAPTER = """from peft import PeftModel
-from transformers import AutoModel
-
-from cmft import IcdCoder
-
-merged = IcdCoder.from_pretrained(".")  # for its settings (labels, threshold, head) and tokenizer
-coder = IcdCoder(AutoModel.from_pretrained("{base}"), merged.settings)
-coder.tokenizer = merged.tokenizer
-coder = PeftModel.from_pretrained(coder, "../adapter").eval()  # the adapter unmerged
-codes = coder.predict(["{example}"])[0]  # the same codes"""
-CARD_CHUNKED_FEED = """room, body = {icd[chunk_size]} - 2, ids[1:-1]  # chunks of [CLS] … [SEP]
-chunks = [[ids[0], *body[i : i + room], ids[-1]] for i in range(0, max(len(body), 1), room)][:{icd[max_chunks]}]
-rows = np.zeros((1, len(chunks), {icd[chunk_size]}), dtype=np.int64)
-mask = np.zeros_like(rows)
-for c, chunk in enumerate(chunks):
-    rows[0, c, : len(chunk)], mask[0, c, : len(chunk)] = chunk, 1
-feed = {{"input_ids": rows, "attention_mask": mask}}"""
 
 
 class IcdCoder(nn.Module):
@@ -197,6 +182,7 @@ coder = IcdCoder.from_pretrained(".")
 codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the tuned threshold"""
     }
     card_adapter = CARD_ADAPTER
+    metrics_note = METRICS_NOTE
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)
@@ -204,6 +190,7 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
         self.splits: dict[str, Split] = {}
         self.threshold = 0.5
         self.label_frequency: np.ndarray | None = None
+        self.train_counts: dict[str, int] | None = None  # code → train documents, every train code
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -212,6 +199,7 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
             "labels": self.labels, "threshold": self.threshold, "mode": o.mode, "head": o.head,
             "attention_dim": o.attention_dim, "chunk_size": o.chunk_size, "max_chunks": o.max_chunks,
             "max_length": self.recipe.training.max_length, "level": o.label_space.level,
+            "train_code_counts": self.train_counts,
         }  # fmt: skip
 
     def tokens_per_pass(self) -> tuple[int, str]:
@@ -242,6 +230,8 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
                 self.splits[name] = split
         train = self.splits["train"].examples if "train" in self.splits else []
         counts = Counter(code for example in train for code in example.label)
+        if "train" in self.splits:
+            self.train_counts = dict(sorted(counts.items()))
         minimum = self.options.label_space.min_train_count
         labels = labels if labels is not None else (self.labels or None)
         self.labels = list(labels) if labels is not None else sorted(c for c, n in counts.items() if n >= minimum)
@@ -299,6 +289,7 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
     def restore(self, meta: dict[str, Any]) -> None:
         super().restore(meta)
         self.threshold = meta["threshold"]
+        self.train_counts = meta["icd"].get("train_code_counts")  # None in models saved before it was kept
 
     def load_model(self, folder: Path) -> nn.Module:
         coder = IcdCoder.from_pretrained(folder)
@@ -324,7 +315,10 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
         labels = np.stack([row["labels"] for row in self.datasets[split]])
         if tune:  # one global threshold, chosen on dev, saved with the model, applied to test
             self.threshold, _ = tune_threshold(labels, probabilities)
-        return multilabel_metrics(labels, probabilities, self.threshold)
+        gold = [set(example.label) for example in self.splits[split].examples]
+        predicted = [{self.labels[j] for j in np.flatnonzero(row >= self.threshold)} for row in probabilities]
+        return {**multilabel_metrics(labels, probabilities, self.threshold),
+                **all_code_metrics(gold, predicted, self.labels, self.train_counts)}  # fmt: skip
 
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         labels = np.stack([row["labels"] for row in self.datasets[split]])
