@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -474,3 +475,31 @@ def test_learning_rate_auto_fits_the_encoder(tiny_encoder, tmp_path, capsys):
     said = " ".join((stdout + stderr).split())  # rich may wrap the log line
     assert said.count("training.learning_rate: auto → 5e-05 (an encoder not made by `cmft pretrain`") == 1
     assert "icd_coding recipe" in said and "247 labels" in said
+
+
+@pytest.mark.slow
+def test_icd_every_train_code_with_own_thresholds_and_rare_code_weight(tiny_encoder, tmp_path):
+    """min_train_count 1: every CodiEsp train code is a label; per-code thresholds for the codes with ≥ 5 dev notes,
+    saved with the model and applied by predict and evaluate alike."""
+    overrides = ["icd_coding.label_space.min_train_count=1", "icd_coding.thresholds=per_code",
+                 "icd_coding.rare_code_weight=true"]  # fmt: skip
+    run = finetune("icd_coding", [f"model.encoder={tiny_encoder}", *SHORT, "training.max_length=256", *overrides],
+                   output_dir=tmp_path / "run")  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_labels"] == 1767
+    dev = Counter(normalize_code(c) for row in _jsonl("data/codiesp/dev.jsonl") for c in set(row["codes"]))
+    settings = json.loads((run / "model" / "icd_coding.json").read_text())
+    enough = {code for code in settings["labels"] if dev[code] >= 5}
+    assert set(settings["code_thresholds"]) == enough and metrics["n_codes_own_threshold"] == len(enough) > 100
+    assert metrics["label_space_coverage"] > 0.8  # 497 of 2,842 test codes never occur in train
+    coder = IcdCoder.from_pretrained(run / "model")
+    notes = [row["text"] for row in _jsonl("data/codiesp/test.jsonl")[:4]]
+    probabilities = coder.predict_proba(notes)
+    own = settings["code_thresholds"]
+    for row, predicted in zip(probabilities, coder.predict(notes), strict=True):
+        expected = {code for code, p in zip(settings["labels"], row, strict=True)
+                    if p >= own.get(code, settings["threshold"])}  # fmt: skip
+        assert set(predicted) == expected
+    again = evaluate_run(run, "test")
+    for key in ("micro_f1", "micro_f1_all_codes", "macro_f1_all_codes", "label_space_coverage"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key

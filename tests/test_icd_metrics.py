@@ -70,3 +70,18 @@ def test_codiesp_label_space_of_the_shipped_recipe_covers_about_half_of_test():
     assert shipped["recall_all_codes"] == pytest.approx(1545 / 2842)  # a perfect coder of the label space
     assert shipped["f1_by_train_frequency"]["5-9"] == 1.0 and shipped["f1_by_train_frequency"]["0"] == 0.0
     assert everything["label_space_coverage"] == pytest.approx((2842 - 497) / 2842)  # 497 never in train
+
+
+def test_own_thresholds_go_to_codes_with_enough_dev_positives_and_maximise_their_f1():
+    import numpy as np
+
+    from cmft.tasks.icd_metrics import code_thresholds, tune_code_thresholds
+
+    y = np.array([[1, 0, 1], [1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    p = np.array([[0.30, 0.9, 0.6], [0.35, 0.2, 0.1], [0.10, 0.8, 0.2], [0.32, 0.1, 0.3], [0.05, 0.3, 0.4]])
+    own = tune_code_thresholds(y, p, global_threshold=0.5, min_positives=2)
+    assert set(own) == {0}  # only label 0 has two or more positive notes
+    assert 0.10 < own[0] <= 0.30  # every positive (0.30, 0.35, 0.32) above it, the negatives (≤ 0.10) below
+    assert own[0] == 0.30  # of the tied best thresholds, the one nearest the global 0.5
+    settings = {"labels": ["A", "B", "C"], "threshold": 0.5, "code_thresholds": {"A": own[0]}}
+    assert code_thresholds(settings).tolist() == [0.30, 0.5, 0.5]

@@ -75,16 +75,17 @@ def _column_auc(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
-def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, threshold: float | np.ndarray) -> dict[str, float]:
     """Edin et al. 2023 metric suite for multi-label coding, so results line up with the MIMIC literature.
 
     Macro F1 averages over labels present in y_true (a present label never predicted scores 0); macro AUC over
     labels with both classes; recall@15 and MAP over documents with a gold label; precision@k over all documents.
     Ranking ties are broken by a stable sort, except MAP, which scores tied labels as a block like sklearn does.
-    Undefined aggregates (e.g. no label present) are NaN.
+    Undefined aggregates (e.g. no label present) are NaN. `threshold`: one for every label, or one per label (then the
+    result has no `threshold` key).
     """
     y, p = _validate(y_true, probs)
-    threshold = float(threshold)
+    threshold = float(threshold) if np.ndim(threshold) == 0 else np.asarray(threshold, dtype=np.float64)
     n_docs, n_labels = y.shape
     pred = p >= threshold
 
@@ -127,7 +128,7 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, threshold: float) 
         "precision_at_8": float((hits_at(8) / 8.0).mean()),
         "recall_at_15": recall_15,
         "map": map_,
-        "threshold": threshold,
+        **({"threshold": threshold} if isinstance(threshold, float) else {}),
     }
 
 
@@ -152,13 +153,15 @@ def tune_threshold(y_true: np.ndarray, probs: np.ndarray, grid: np.ndarray | Non
     return float(grid[best]), float(f1[best])
 
 
-def per_label_precision_recall(y_true: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+def per_label_precision_recall(
+    y_true: np.ndarray, probs: np.ndarray, threshold: float | np.ndarray
+) -> dict[str, np.ndarray]:
     """Per-label precision, recall and support for plotting where the model fails (rare vs frequent codes).
 
     Precision of a never-predicted label and recall of a label without support are 0 (sklearn's zero_division=0).
     """
     y, p = _validate(y_true, probs)
-    pred = p >= float(threshold)
+    pred = p >= np.asarray(threshold, dtype=np.float64)  # one threshold, or one per label
     tp = (pred & y).sum(axis=0)
     support = y.sum(axis=0)
     return {

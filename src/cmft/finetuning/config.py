@@ -134,6 +134,13 @@ class IcdCodingConfig(TaskSection):
     attention_dim: PositiveInt = 256
     init_from_descriptions: bool = False
     """Start each label query from the encoder's embedding of its ICD-10-CM description."""
+    thresholds: Literal["global", "per_code"] = "global"
+    """`global`: one threshold tuned on dev; `per_code`: codes with at least `per_code_min_positives` dev notes get
+    their own (tuned on dev), the others the global one."""
+    per_code_min_positives: PositiveInt = 5
+    rare_code_weight: bool = False
+    """Weight each code's positive notes by sqrt(negatives / positives) in train (capped at 30), so that rare codes
+    count in the loss."""
 
     def check(self, training: TrainingConfig, data: DataConfig) -> None:
         if training.max_length > 8192:

@@ -20,7 +20,7 @@ from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_th
 from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
 from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, METRICS_NOTE
 from cmft.tasks.icd_labels import init_queries_from_descriptions, normalize_code, per_label_plot
-from cmft.tasks.icd_metrics import all_code_metrics
+from cmft.tasks.icd_metrics import all_code_metrics, code_thresholds, tune_code_thresholds
 
 HEAD_WEIGHTS = "icd_head.safetensors"
 HEAD_CONFIG = "icd_coding.json"
@@ -78,7 +78,8 @@ class IcdCoder(nn.Module):
         logits = self.head(states, mask)
         loss = None
         if labels is not None:
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+            weight = getattr(self, "positive_weight", None)  # rare_code_weight: a buffer set for training only
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weight)
         return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
 
     # saving and loading ----------------------------------------------------------------------------
@@ -111,9 +112,9 @@ class IcdCoder(nn.Module):
 
     def predict(self, texts: list[str]) -> list[dict[str, float]]:
         probabilities = self.predict_proba(texts)
-        labels, threshold = self.settings["labels"], self.settings["threshold"]
+        labels, threshold = self.settings["labels"], code_thresholds(self.settings)
         return [
-            {labels[j]: round(float(row[j]), 4) for j in np.argsort(-row) if row[j] >= threshold}
+            {labels[j]: round(float(row[j]), 4) for j in np.argsort(-row) if row[j] >= threshold[j]}
             for row in probabilities
         ]
 
@@ -189,6 +190,7 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
         self.options = recipe.icd_coding if recipe is not None else None
         self.splits: dict[str, Split] = {}
         self.threshold = 0.5
+        self.code_thresholds: dict[str, float] = {}  # icd_coding.thresholds: per_code
         self.label_frequency: np.ndarray | None = None
         self.train_counts: dict[str, int] | None = None  # code → train documents, every train code
 
@@ -199,7 +201,7 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
             "labels": self.labels, "threshold": self.threshold, "mode": o.mode, "head": o.head,
             "attention_dim": o.attention_dim, "chunk_size": o.chunk_size, "max_chunks": o.max_chunks,
             "max_length": self.recipe.training.max_length, "level": o.label_space.level,
-            "train_code_counts": self.train_counts,
+            "code_thresholds": self.code_thresholds, "train_code_counts": self.train_counts,
         }  # fmt: skip
 
     def tokens_per_pass(self) -> tuple[int, str]:
@@ -269,6 +271,9 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
         prior = np.clip(self.label_frequency, 1e-4, 1 - 1e-4)
         with torch.no_grad():
             coder.head.output_bias.copy_(torch.tensor(np.log(prior / (1 - prior)), dtype=torch.float32))
+        if self.options.rare_code_weight:
+            weight = np.clip(np.sqrt((1 - prior) / prior), 1.0, 30.0)
+            coder.register_buffer("positive_weight", torch.tensor(weight, dtype=torch.float32), persistent=False)
         if self.options.init_from_descriptions and self.options.head == "label_attention":
             init_queries_from_descriptions(coder, AutoTokenizer.from_pretrained(encoder), self.labels)
         return coder
@@ -281,19 +286,21 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
         return ["head"]
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"threshold": self.threshold}  # the threshold tuned on dev so far
+        return {"threshold": self.threshold, "code_thresholds": self.code_thresholds}  # tuned on dev so far
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.threshold = state.get("threshold", self.threshold)
+        self.code_thresholds = state.get("code_thresholds", self.code_thresholds)
 
     def restore(self, meta: dict[str, Any]) -> None:
         super().restore(meta)
         self.threshold = meta["threshold"]
         self.train_counts = meta["icd"].get("train_code_counts")  # None in models saved before it was kept
+        self.code_thresholds = meta["icd"].get("code_thresholds") or {}
 
     def load_model(self, folder: Path) -> nn.Module:
         coder = IcdCoder.from_pretrained(folder)
-        self.threshold = coder.settings["threshold"]
+        self.threshold, self.code_thresholds = coder.settings["threshold"], coder.settings.get("code_thresholds", {})
         return coder
 
     def inference_module(self, model: nn.Module) -> nn.Module:
@@ -313,17 +320,22 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
     def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
         probabilities = np.stack(outputs).astype(np.float64)
         labels = np.stack([row["labels"] for row in self.datasets[split]])
-        if tune:  # one global threshold, chosen on dev, saved with the model, applied to test
+        if tune:  # chosen on dev, saved with the model, applied to test: a global threshold, per code if asked
             self.threshold, _ = tune_threshold(labels, probabilities)
+            if self.options.thresholds == "per_code":
+                own = tune_code_thresholds(labels, probabilities, self.threshold, self.options.per_code_min_positives)
+                self.code_thresholds = {self.labels[j]: t for j, t in own.items()}
+        thresholds = code_thresholds(self.settings)
         gold = [set(example.label) for example in self.splits[split].examples]
-        predicted = [{self.labels[j] for j in np.flatnonzero(row >= self.threshold)} for row in probabilities]
-        return {**multilabel_metrics(labels, probabilities, self.threshold),
+        predicted = [{self.labels[j] for j in np.flatnonzero(row >= thresholds)} for row in probabilities]
+        return {**multilabel_metrics(labels, probabilities, thresholds), "threshold": self.threshold,
+                "n_codes_own_threshold": len(self.code_thresholds),
                 **all_code_metrics(gold, predicted, self.labels, self.train_counts)}  # fmt: skip
 
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         labels = np.stack([row["labels"] for row in self.datasets[split]])
         per_label_plot(
-            per_label_precision_recall(labels, np.stack(outputs).astype(np.float64), self.threshold),
+            per_label_precision_recall(labels, np.stack(outputs).astype(np.float64), code_thresholds(self.settings)),
             plots / "per_label_precision_recall.png",
         )
 
@@ -380,8 +392,10 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
         probabilities = outputs[0]
         order = np.argsort(-probabilities, kind="stable")
+        own = meta["threshold"] == meta["icd"]["threshold"]  # a request's own threshold replaces the tuned ones
+        thresholds = code_thresholds(meta["icd"]) if own else np.full(len(meta["labels"]), meta["threshold"])
         codes = [{"code": meta["labels"][j], "probability": round(float(probabilities[j]), 6)}
-                 for j in order if probabilities[j] >= meta["threshold"]]  # fmt: skip
+                 for j in order if probabilities[j] >= thresholds[j]]  # fmt: skip
         return {"codes": codes[: meta["top_k"]] if meta.get("top_k") else codes}
 
 

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cmft.metrics import DEFAULT_THRESHOLD_GRID
 
 # train-document counts → bucket name (`f1_by_train_frequency`); the last bucket is open
 FREQUENCY_BUCKETS: tuple[tuple[str, int, float], ...] = (
@@ -99,3 +104,27 @@ def all_code_metrics(
             name: (_micro(tp, fp, fn, members)[2] if members else None) for name, members in buckets.items()
         }
     return metrics
+
+
+def tune_code_thresholds(
+    y_true: np.ndarray, probs: np.ndarray, global_threshold: float, min_positives: int
+) -> dict[int, float]:
+    """Own thresholds for the labels with at least `min_positives` positive notes in these (dev) rows: each label's
+    threshold maximises its F1 on the grid (ties: the one nearest the global threshold); the others keep the global
+    one. Returns label index → threshold."""
+    y, p = np.asarray(y_true).astype(bool), np.asarray(probs, dtype=np.float64)
+    grid = DEFAULT_THRESHOLD_GRID
+    chosen = {}
+    for j in np.flatnonzero(y.sum(axis=0) >= min_positives):
+        predicted = p[:, j, None] >= grid[None, :]
+        tp = (predicted & y[:, j, None]).sum(axis=0)
+        f1 = 2 * tp / (predicted.sum(axis=0) + y[:, j].sum())
+        best = np.flatnonzero(f1 == f1.max())
+        chosen[int(j)] = float(grid[best[np.argmin(np.abs(grid[best] - global_threshold))]])
+    return chosen
+
+
+def code_thresholds(settings: dict[str, Any]) -> np.ndarray:
+    """Each label's decision threshold: its own (icd_coding.thresholds: per_code) or the global one."""
+    own = settings.get("code_thresholds") or {}
+    return np.array([own.get(code, settings["threshold"]) for code in settings["labels"]], dtype=np.float64)
