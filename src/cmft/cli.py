@@ -138,13 +138,23 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", help="Retrieval: hits per query with --corpus.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per batch (length-sorted).")] = 16,
     text_field: Annotated[str, typer.Option("--text-field", help="The jsonl field holding the text.")] = "text",
+    evidence: Annotated[
+        bool, typer.Option("--evidence", help="ICD coding: each code's evidence spans (character offsets).")
+    ] = False,
+    evidence_k: Annotated[int | None, typer.Option("--evidence-k", help="With --evidence: spans per code (3).")] = None,
+    evidence_method: Annotated[
+        str | None,
+        typer.Option("--evidence-method", help="With --evidence: attention (default) or attention_x_gradient (torch)."),
+    ] = None,
 ) -> None:
     """Batch inference to JSONL: labels with scores, entities with character offsets, ICD codes with
-    probabilities, embeddings or top-k hits."""
+    probabilities (and, with --evidence, the spans of the note their label attention weighs most), embeddings or
+    top-k hits."""
     from cmft.predict import predict as run_predict
 
     summary = run_predict(source, input, output, onnx=onnx, batch_size=batch_size, corpus=corpus, top_k=top_k,
-                          int8=int8, text_field=text_field)  # fmt: skip
+                          int8=int8, text_field=text_field, evidence=evidence, evidence_k=evidence_k,
+                          evidence_method=evidence_method)  # fmt: skip
     notes = [f"{summary['n_inputs']} texts", f"{summary['backend']} ({summary['provider']})"]
     for key, label in (("n_truncated", "truncated to the model's limit"), ("n_windowed", "split into windows"),
                        ("n_empty_skipped", "empty, skipped")):  # fmt: skip

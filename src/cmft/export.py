@@ -6,7 +6,9 @@ flash-attention) with dynamic batch and sequence axes. ModernBERT encoders are t
 `com.microsoft.MultiHeadAttention`, recorded in parity.json's `fused_ops`), other encoders with eager attention
 (sdpa exports with NaN guards that cost onnxruntime 1.5x on long notes). Parity is checked against the PyTorch
 model that `cmft predict` runs on CPU (fp32, banded attention for ModernBERT, sdpa for others, on any device:
-never flash-attention), named in parity.json's `reference`. The folder holds model.onnx
+never flash-attention), named in parity.json's `reference`, on every output of the graph (an ICD model with label
+attention has two: `probabilities`, then `label_attention`, which `cmft predict --evidence` reads; parity.json's
+`per_output`). The folder holds model.onnx
 (+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling, max_length), README.md (the
 model card, cmft.cards) and parity.json.
 """
@@ -112,18 +114,19 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
 
         onnx.checker.check_model(str(model_path))
     loaded.tokenizer.save_pretrained(work)
-    meta = {**loaded.meta, "output": task.output, "opset": config.opset, "source_run": str(run_dir.resolve())}
-    (work / MANIFEST).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     backend = OnnxBackend(model_path)
+    meta = {**loaded.meta, "output": task.output, "outputs": backend.output_names, "opset": config.opset,
+            "source_run": str(run_dir.resolve())}  # fmt: skip
+    (work / MANIFEST).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     report: dict[str, Any] = {"task": task.name, "provider": backend.provider, "tolerance": config.tolerance,
                               "export_seconds": round(time.monotonic() - started, 1), "traced_attention": attention,
                               "fused_ops": _fused_ops(model_path)}  # fmt: skip
     reference = load_run(run_dir, parity=True)  # what `cmft predict` runs on CPU: banded or sdpa, fp32
-    reference_backend = TorchBackend(reference.module)
+    reference_backend = TorchBackend(task.exported(reference.module, reference.meta)[0])
     ran = reference_backend.ran()
     report["reference"] = f"pytorch {ran['inference_attention']} {ran['inference_dtype']}"
-    per_length = _parity(reference, reference_backend, backend, config)
-    report |= {"max_abs_diff": max(per_length.values()), "per_length": per_length}
+    per_length, per_output = _parity(reference, reference_backend, backend, config)
+    report |= {"max_abs_diff": max(per_length.values()), "per_length": per_length, "per_output": per_output}
     report["passed"] = report["max_abs_diff"] <= config.tolerance
     if quantize == "int8":
         report["int8"] = _quantize(reference, work, config, run_dir, backend)
@@ -162,29 +165,34 @@ def _sample(loaded: Loaded, length: int, batch: int, seed: int) -> tuple[np.ndar
 def _trace(loaded: Loaded, path: Path, config: ExportConfig) -> None:
     ids, mask = _sample(loaded, config.trace_length, 2, seed=0)
     axes = {0: "batch", 1: "chunks", 2: "sequence"} if ids.ndim == 3 else {0: "batch", 1: "sequence"}
-    output_axes = {0: "batch", 1: "sequence"} if loaded.task.token_level else {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad(), export_forms(loaded.module):
+    module, outputs = loaded.task.exported(loaded.module, loaded.meta)  # the task's output first
+    with warnings.catch_warnings(), torch.no_grad(), export_forms(module):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            loaded.module, (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
-            input_names=["input_ids", "attention_mask"], output_names=[loaded.task.output],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, loaded.task.output: output_axes},
+            module, (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
+            input_names=["input_ids", "attention_mask"], output_names=list(outputs),
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, **outputs},
             opset_version=config.opset, dynamo=False, custom_opsets={"com.microsoft": 1},
         )  # fmt: skip
 
 
 def _parity(loaded: Loaded, torch_backend: TorchBackend, backend: OnnxBackend, config: ExportConfig
-            ) -> dict[str, float]:  # fmt: skip
-    """Worst |onnx − torch| per checked length, over real (unpadded) positions for token outputs."""
-    result = {}
+            ) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """Worst |onnx − torch| per checked length and per graph output (every output: the ICD label attention too),
+    over real (unpadded) positions for token outputs."""
+    per_length, per_output = {}, dict.fromkeys(backend.output_names, 0.0)
     for length in config.check_lengths:
         ids, mask = _sample(loaded, length, config.check_batch, seed=length)
-        expected, got = torch_backend(ids, mask), backend(ids, mask)
-        difference = np.abs(expected.astype(np.float64) - got.astype(np.float64))
-        if loaded.task.token_level:
-            difference = difference[mask.astype(bool)]
-        result[str(length)] = float(difference.max())
-    return result
+        expected, got = torch_backend.outputs(ids, mask), backend.outputs(ids, mask)
+        worst = 0.0
+        for name, want, have in zip(backend.output_names, expected, got, strict=True):
+            difference = np.abs(want.astype(np.float64) - have.astype(np.float64))
+            if loaded.task.token_level:
+                difference = difference[mask.astype(bool)]
+            per_output[name] = max(per_output[name], float(difference.max()))
+            worst = max(worst, float(difference.max()))
+        per_length[str(length)] = worst
+    return per_length, per_output
 
 
 def _quantize(loaded: Loaded, work: Path, config: ExportConfig, run_dir: Path, fp32: OnnxBackend) -> dict[str, Any]:

@@ -27,12 +27,16 @@ class LabelAttentionHead(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """states [B, T, H], mask [B, T] (True on real tokens) → logits [B, L]."""
+        return self.attend(states, mask)[0]
+
+    def attend(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, L] and each label's attention over the tokens [B, L, T] (0 on padding; ICD evidence)."""
         hidden = torch.tanh(self.project(states))
         scores = self.label_queries(hidden).transpose(1, 2).float()
         scores = scores.masked_fill(~mask[:, None, :].bool(), torch.finfo(torch.float32).min)
         weights = scores.softmax(dim=-1)
         label_states = weights @ states.float()
-        return (label_states * self.output_weight.float()).sum(-1) + self.output_bias.float()
+        return (label_states * self.output_weight.float()).sum(-1) + self.output_bias.float(), weights
 
 
 class PooledHead(nn.Module):

@@ -162,12 +162,16 @@ class TorchBackend:
         return {"inference_attention": self.attention or "unknown", "inference_dtype": dtype}
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.outputs(input_ids, attention_mask)[0]
+
+    def outputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every output of the module (one tensor or a tuple), as fp32 arrays."""
         torch = self.torch
         device = next(self.module.parameters()).device
         half = torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
         with torch.inference_mode(), half:
             output = self.module(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device))
-        return output.float().cpu().numpy()
+        return tuple(part.float().cpu().numpy() for part in (output if isinstance(output, tuple) else (output,)))
 
 
 def onnx_providers() -> list[str]:
@@ -195,9 +199,14 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, …) for a bad file
             raise CmftError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); export it again") from None
         self.provider = self.session.get_providers()[0]
+        self.output_names = [output.name for output in self.session.get_outputs()]
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        """The task's output only: a further output (ICD label attention) is not copied out unless asked for."""
+        return self.session.run(self.output_names[:1], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def outputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask}))
 
 
 # running ------------------------------------------------------------------------------------------------------

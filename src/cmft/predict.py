@@ -10,12 +10,14 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cmft.data.readers import iter_records
 from cmft.errors import CmftError
 from cmft.inference import open_source, predict_texts, search
+from cmft.tasks.base import EVIDENCE_K
 
 
 def read_inputs(path: Path, text_field: str = "text", id_field: str = "id") -> tuple[list[tuple[str, str]], int]:
@@ -42,12 +44,20 @@ def read_inputs(path: Path, text_field: str = "text", id_field: str = "id") -> t
 
 def predict(source: str | Path, input_path: str | Path, output: str | Path | None = None, onnx: bool = False,
             batch_size: int = 16, corpus: str | Path | None = None, top_k: int = 10, int8: bool = False,
-            text_field: str = "text") -> dict[str, Any]:  # fmt: skip
-    """Predict every text of `input_path`; JSON lines to `output` (written whole, then renamed) or stdout."""
-    if batch_size < 1 or top_k < 1:
-        raise CmftError("--batch-size and --top-k must be at least 1")
+            text_field: str = "text", evidence: bool = False, evidence_k: int | None = None,
+            evidence_method: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Predict every text of `input_path`; JSON lines to `output` (written whole, then renamed) or stdout. With
+    `evidence`, each prediction that has any (ICD codes) carries its `evidence_k` heaviest spans of the text."""
+    if batch_size < 1 or top_k < 1 or (evidence_k is not None and evidence_k < 1):
+        raise CmftError("--batch-size, --top-k and --evidence-k must be at least 1")
+    if not evidence and (evidence_k is not None or evidence_method is not None):
+        raise CmftError("--evidence-k and --evidence-method need --evidence")
     rows, empty = read_inputs(Path(input_path), text_field)
     loaded, backend = open_source(source, onnx, int8)
+    if evidence:
+        settings = {"k": evidence_k or EVIDENCE_K, "method": evidence_method or "attention"}
+        loaded = replace(loaded, meta={**loaded.meta, "evidence": settings})
+        backend = loaded.task.evidence_backend(loaded, backend, settings["method"])
     if corpus is not None and not loaded.task.searches:
         raise CmftError(f"--corpus: searching needs a retrieval model; this one is {loaded.task.name}")
     if not loaded.task.predicts:

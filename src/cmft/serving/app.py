@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,11 +17,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model, field_validator
 
+from cmft.errors import CmftError
 from cmft.inference import Backend, Loaded, top_hits
 from cmft.serving.batcher import Batcher, Limits
 from cmft.serving.metrics import Metrics
+from cmft.tasks.base import EVIDENCE_K
 from cmft.version import __version__
 
 log = logging.getLogger("cmft.serve")
@@ -62,8 +64,12 @@ class SearchRequest(TextsRequest):
 
 
 def predict_request(loaded: Loaded) -> type[TextsRequest]:
-    """/predict's body: texts plus the task's own per-request options (ICD coding: threshold, top_k)."""
-    options = {name: (kind | None, Field(None, gt=0)) for name, kind in loaded.task.decode_options.items()}
+    """/predict's body: texts, the task's own per-request options (ICD coding: threshold, top_k) and evidence."""
+    options: dict[str, Any] = {
+        name: (kind | None, Field(None, gt=0)) for name, kind in loaded.task.decode_options.items()
+    }
+    options["evidence"] = (StrictBool, Field(False, description="ICD coding: each code's evidence spans."))
+    options["evidence_k"] = (int | None, Field(None, ge=1, le=100, description=f"Spans per code ({EVIDENCE_K})."))
     return create_model("PredictRequest", __base__=TextsRequest, **options)
 
 
@@ -93,13 +99,25 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
         metrics.error("invalid_request")
         return JSONResponse({"error": "invalid request", "fields": fields}, status_code=422)
 
-    async def run_texts(request: Request, texts: list[str], meta: dict[str, Any]) -> list[tuple[list, list]]:
+    evidence_backends: dict[tuple, Backend] = {}  # one per decode options: requests alike batch together
+
+    def evidence_backend(meta: dict[str, Any]) -> Backend:
+        key = tuple(meta.get(name) for name in task.decode_options)
+        if key not in evidence_backends:
+            try:
+                evidence_backends[key] = task.evidence_backend(replace(loaded, meta=meta), backend, "attention")
+            except CmftError as exc:
+                raise HTTPException(400, str(exc)) from None
+        return evidence_backends[key]
+
+    async def run_texts(request: Request, texts: list[str], meta: dict[str, Any], own: Backend | None = None
+                        ) -> list[tuple[list, list]]:  # fmt: skip
         if len(texts) > settings.max_texts:
             raise HTTPException(413, f"{len(texts)} texts in one request; at most {settings.max_texts}")
         request.state.texts = len(texts)
         units, _ = await run_in_threadpool(task.encode, loaded.tokenizer, texts, meta)
         try:
-            outputs = await batcher.run(units)
+            outputs = await batcher.run(units, own)
         except Exception as exc:
             metrics.error("batch_failed")
             raise HTTPException(500, "the model failed on the batch holding this request") from exc
@@ -117,11 +135,18 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request, body: Predict) -> dict[str, Any]:  # type: ignore[valid-type]
-        """Per text, the JSON of `cmft predict` plus `truncated` (and `windows` for NER)."""
+        """Per text, the JSON of `cmft predict` plus `truncated` (and `windows` for NER); with `"evidence": true`,
+        each ICD code's `evidence` spans as `cmft predict --evidence` gives them."""
         options = {name: getattr(body, name) for name in task.decode_options if getattr(body, name) is not None}
         meta = {**loaded.meta, **options}
+        own = None
+        if body.evidence:
+            meta["evidence"] = {"k": body.evidence_k or EVIDENCE_K, "method": "attention"}
+            own = evidence_backend(meta)
+        elif body.evidence_k is not None:
+            raise HTTPException(400, "evidence_k needs evidence: true")
         texts = body.texts
-        by_text = await run_texts(request, texts, meta)
+        by_text = await run_texts(request, texts, meta, own)
 
         def decode() -> list[dict[str, Any]]:
             return [{**task.decode(meta, text, outputs, units), **flags(units)}

@@ -3,7 +3,9 @@
 A batch is gathered until its rows hold `max_batch_tokens` tokens or the oldest request has waited `max_wait_ms`;
 its rows are then length-sorted and cut into forward passes of at most `max_batch_tokens` padded tokens and
 `max_batch_size` rows, run one at a time on a single worker thread (the model is never called concurrently). A pass
-that fails fails the requests with rows in it and no others. With batching off each request runs alone.
+that fails fails the requests with rows in it and no others. With batching off each request runs alone. A request
+may bring its own back end (ICD evidence: the label attention as well); its rows share passes only with rows of
+requests that bring the same one.
 
 `stop()` comes after the server drained its requests (uvicorn answers those in flight before the lifespan ends);
 whatever the batcher still holds then, queued or in a pass the drain gave up on, fails with `Stopped`.
@@ -19,8 +21,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from cmft.inference import Backend, Loaded
 from cmft.tasks.base import Unit
@@ -38,6 +38,7 @@ class Job:
 
     units: list[Unit]
     future: asyncio.Future
+    backend: Backend | None = None  # the request's own (ICD evidence), else the batcher's
     outputs: list[Any] = field(default_factory=list)
     failed: BaseException | None = None
     missing: int = 0  # rows not computed yet
@@ -92,13 +93,14 @@ class Batcher:
     def depth(self) -> int:
         return self.queue.qsize()
 
-    async def run(self, units: list[Unit]) -> list[Any]:
-        """The outputs of `units` (one request's rows), computed in some batch."""
+    async def run(self, units: list[Unit], backend: Backend | None = None) -> list[Any]:
+        """The outputs of `units` (one request's rows), computed in some batch (by `backend` if given: rows batch
+        only with rows of the same back end)."""
         if not units:
             return []
         if self.stopped:
             raise Stopped("the batcher has stopped")
-        job = Job(units, asyncio.get_running_loop().create_future())
+        job = Job(units, asyncio.get_running_loop().create_future(), backend)
         await self.queue.put(job)
         self.observe("queue_depth", self.depth)
         return await job.future
@@ -146,7 +148,10 @@ class Batcher:
     def _compute(self, jobs: list[Job]) -> None:
         """On the worker thread: every row of `jobs` in length-sorted passes within the limits."""
         rows = [(j, k) for j, job in enumerate(jobs) for k in range(len(job.units))]
-        rows.sort(key=lambda row: jobs[row[0]].units[row[1]].length)
+        group: dict[int, int] = {}  # rows of one back end together (the batcher's, or a request's own)
+        for job in jobs:
+            group.setdefault(id(job.backend), len(group))
+        rows.sort(key=lambda row: (group[id(jobs[row[0]].backend)], jobs[row[0]].units[row[1]].length))
         loop = jobs[0].future.get_loop()
         for job in jobs:
             job.outputs, job.missing = [None] * len(job.units), len(job.units)
@@ -160,7 +165,7 @@ class Batcher:
             try:
                 ids, mask = self.loaded.task.collate(units, self.loaded.pad_id, self.loaded.meta)
                 started = time.perf_counter()
-                result = np.asarray(self.backend(ids, mask))
+                result = (jobs[batch[0][0]].backend or self.backend)(ids, mask)  # an array, or a list of rows
                 self.observe("forward_seconds", time.perf_counter() - started)
                 self.observe("batch_texts", len(units))
                 self.observe("batch_tokens", int(ids.size))
@@ -184,7 +189,8 @@ class Batcher:
         for row in rows:
             length = jobs[row[0]].units[row[1]].length
             if current and ((len(current) + 1) * length > self.limits.max_batch_tokens
-                            or len(current) >= self.limits.max_batch_size):  # fmt: skip
+                            or len(current) >= self.limits.max_batch_size
+                            or jobs[row[0]].backend is not jobs[current[0][0]].backend):  # fmt: skip
                 passes.append(current)
                 current = []
             current.append(row)

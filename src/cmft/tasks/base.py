@@ -23,6 +23,8 @@ class Unit:
     window: dict | None = None
     truncated: bool = False
     """The text was cut to fit the model (never set for NER windows, which keep everything)."""
+    offsets: list | None = None
+    """(start, end) in the text of each of its tokens, when evidence is asked for (ICD coding)."""
 
     @property
     def length(self) -> int:
@@ -72,6 +74,7 @@ def load_pretrained(cls: Any, folder: Path, attention: str) -> nn.Module:
     return model.float().eval()
 
 
+EVIDENCE_K = 3  # evidence spans per prediction unless asked otherwise (`cmft predict --evidence-k`, `evidence_k`)
 CARD_EXAMPLE = "Type 2 diabetes mellitus with diabetic neuropathy; denies chest pain."  # made up, not a note
 TRANSFORMERS_USAGE = """from transformers import AutoTokenizer, {auto_class}
 
@@ -278,6 +281,19 @@ class Task:
     @classmethod
     def input_shape(cls, meta: dict[str, Any]) -> str:  # the graph's input shape, for the export card
         return "[batch, sequence]"
+
+    @classmethod
+    def exported(cls, module: nn.Module, meta: dict[str, Any]) -> tuple[nn.Module, dict[str, dict[int, str]]]:
+        """The module `cmft export` traces and its outputs (name → dynamic axes), the task's output first."""
+        return module, {cls.output: {0: "batch", 1: "sequence"} if cls.token_level else {0: "batch"}}
+
+    @classmethod
+    def evidence_backend(cls, loaded: Any, backend: Any, method: str) -> Any:
+        """A back end whose rows carry what `decode` needs to give evidence (`meta["evidence"]`) for its
+        predictions; a one-line error for a model that gives none."""
+        from cmft.errors import CmftError
+
+        raise CmftError(f"evidence: a {cls.name} model gives none; only ICD coding with label attention does")
 
     # model card -------------------------------------------------------------------------------------------------
     @classmethod

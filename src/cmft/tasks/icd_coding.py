@@ -17,6 +17,7 @@ from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.heads import LabelAttentionHead, PooledHead
 from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
+from cmft.tasks import icd_evidence
 from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
 from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, METRICS_NOTE
 from cmft.tasks.icd_labels import init_queries_from_descriptions, normalize_code, per_label_plot
@@ -151,17 +152,19 @@ class IcdModule(nn.Module):
         self.coder = coder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.coder.head(*self.states(input_ids, attention_mask)))
+
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states [B, T, H] and mask [B, T]; chunked: T = C × S, chunk c's position s at c × S + s."""
         if input_ids.dim() == 2:
             states = self.coder.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask
-        else:
-            batch, chunks, size = input_ids.shape
-            flat_mask = attention_mask.reshape(-1, size)
-            states = self.coder.encoder(input_ids=input_ids.reshape(-1, size), attention_mask=flat_mask)
-            states = states.last_hidden_state
-            states = torch.where(flat_mask[..., None].bool(), states, torch.zeros_like(states))
-            states, mask = states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
-        return torch.sigmoid(self.coder.head(states, mask))
+            return states, attention_mask
+        batch, chunks, size = input_ids.shape
+        flat_mask = attention_mask.reshape(-1, size)
+        states = self.coder.encoder(input_ids=input_ids.reshape(-1, size), attention_mask=flat_mask)
+        states = states.last_hidden_state
+        states = torch.where(flat_mask[..., None].bool(), states, torch.zeros_like(states))
+        return states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
 
 
 class IcdCodingTask(Task):
@@ -174,6 +177,8 @@ class IcdCodingTask(Task):
     )
     learning_rates = {"tiny": {"full": 3e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
     decode_options = {"threshold": float, "top_k": int}  # a request may set its own (cmft serve)
+    exported = classmethod(icd_evidence.exported_with_attention)  # and the label attention, for evidence
+    evidence_backend = classmethod(icd_evidence.evidence_backend)
     description = "Assigns each note its ICD codes (multi-label), those at or above a threshold tuned on dev."
     library_name = "cmft"
     card_usage = {
@@ -358,7 +363,7 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
         for index, text in enumerate(texts):
             ids, cut = encode_note(tokenizer, text, meta["icd"])
             truncated += cut
-            units.append(Unit(index, ids, truncated=cut))
+            units.append(Unit(index, ids, truncated=cut, offsets=icd_evidence.note_offsets(tokenizer, text, meta)))
         return units, {"n_truncated": truncated, "n_windowed": 0}
 
     @classmethod
@@ -390,13 +395,10 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
 
     @classmethod
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
-        probabilities = outputs[0]
-        order = np.argsort(-probabilities, kind="stable")
-        own = meta["threshold"] == meta["icd"]["threshold"]  # a request's own threshold replaces the tuned ones
-        thresholds = code_thresholds(meta["icd"]) if own else np.full(len(meta["labels"]), meta["threshold"])
+        probabilities, weights = outputs[0] if "evidence" in meta else (outputs[0], None)  # weights: evidence rows
         codes = [{"code": meta["labels"][j], "probability": round(float(probabilities[j]), 6)}
-                 for j in order if probabilities[j] >= thresholds[j]]  # fmt: skip
-        return {"codes": codes[: meta["top_k"]] if meta.get("top_k") else codes}
+                 for j in icd_evidence.predicted_codes(probabilities, meta)]  # fmt: skip
+        return {"codes": icd_evidence.with_evidence(codes, weights, text, units[0], meta) if weights else codes}
 
 
 def _meta(max_length: int, settings: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,211 @@
+"""Evidence for predicted ICD codes: the spans of a note that each code's label-wise attention weighs most.
+
+The weights. LabelAttentionHead gives each code l a softmax a_l over the note's token positions, and the code's
+label state is Σ_t a_lt h_t. Method `attention` (the default) reports a_l. Method `attention_x_gradient` (PyTorch
+only) reports a_lt · |x_t · ∂z_l/∂x_t|, renormalised over the note: attention times the gradient × input of the
+code's logit z_l at token t's input embedding x_t, so a token needs both the code's attention and an embedding that
+moves the code's logit.
+
+From positions to characters. The note's tokens map back to the text through the tokenizer's offset mapping. Body
+token i (the note without [CLS] and [SEP]) sits at position 1 + i (whole), or at c·S + 1 + i mod (S − 2) with
+c = i // (S − 2) (chunked, S = chunk_size), as `encode_note` lays the note out and `IcdModule.states` flattens the
+chunks; tokens cut by max_length or max_chunks have no position. [CLS], [SEP] and padding are not text and give no
+evidence. Tokens that touch inside a run of letters and digits form one word (its weight: their sum); the
+WORDS_PER_SPAN·k heaviest words are kept, neighbouring kept words join into spans, and a code's evidence is its k
+heaviest spans: [{"start", "end", "weight"}], character offsets into the note (text[start:end]), heaviest first.
+
+ONNX. `cmft export` traces `AttentionModule` for a label-attention head: the graph's second output,
+`label_attention` [batch, codes, positions], holds a_l, so `cmft predict --onnx --evidence` gives the spans PyTorch
+gives. The attention is computed for the probabilities anyway; a plain prediction does not fetch it.
+
+Memory. A batch's attention is [batch, codes, positions]; `EvidenceBackend` keeps, per note, only the rows of the
+codes that `decode` will give (threshold and top_k of the request), so nothing larger outlives the forward pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmft.errors import CmftError
+from cmft.tasks.icd_metrics import code_thresholds
+
+METHODS = ("attention", "attention_x_gradient")
+WORDS_PER_SPAN = 3
+OUTPUT = "label_attention"
+
+
+def predicted_codes(probabilities: np.ndarray, meta: dict[str, Any]) -> list[int]:
+    """Indices of the codes `decode` gives: at or above their threshold (the tuned one, or each code's own where
+    tuned per code; a request's own threshold replaces them), most probable first, at most top_k."""
+    own = meta["threshold"] == meta["icd"]["threshold"]
+    thresholds = code_thresholds(meta["icd"]) if own else np.full(len(meta["labels"]), meta["threshold"])
+    order = [int(j) for j in np.argsort(-probabilities, kind="stable") if probabilities[j] >= thresholds[j]]
+    return order[: meta["top_k"]] if meta.get("top_k") else order
+
+
+# the model ----------------------------------------------------------------------------------------------------
+class AttentionModule(nn.Module):
+    """An IcdModule's probabilities [B, L] and its label attention [B, L, T] (T: IcdModule.states' positions)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, weights = self.module.coder.head.attend(*self.module.states(input_ids, attention_mask))
+        return torch.sigmoid(logits), weights
+
+
+def exported_with_attention(cls: type, module: nn.Module, meta: dict[str, Any]) -> tuple[nn.Module, dict]:
+    """IcdCodingTask.exported: a label-attention model's graph also outputs the attention (`label_attention`)."""
+    if meta["icd"]["head"] != "label_attention":
+        return module, {cls.output: {0: "batch"}}
+    return AttentionModule(module), {cls.output: {0: "batch"}, OUTPUT: {0: "batch", 2: "positions"}}
+
+
+def evidence_backend(cls: type, loaded: Any, backend: Any, method: str) -> EvidenceBackend:
+    """IcdCodingTask.evidence_backend: the attention from the ONNX graph's second output or the PyTorch head."""
+    head = loaded.meta["icd"]["head"]
+    if head != "label_attention":
+        raise CmftError(f"evidence: this ICD model's head is {head}, which has no label attention to take evidence "
+                        "from; fine-tune with icd_coding.head=label_attention")  # fmt: skip
+    if method not in METHODS:
+        raise CmftError(f"evidence method {method!r}: choose one of {', '.join(METHODS)}")
+    if not getattr(loaded.tokenizer, "is_fast", False):
+        raise CmftError("evidence: the tokenizer gives no character offsets (no tokenizer.json); save a fast one")
+    if backend.name == "onnx":
+        if method != "attention":
+            raise CmftError(f"evidence method {method}: PyTorch only; drop --onnx")
+        if OUTPUT not in backend.output_names:
+            raise CmftError(f"evidence: this export has no {OUTPUT} output (made before evidence existed); "
+                            "export the run again")  # fmt: skip
+        return EvidenceBackend(backend, loaded.meta, backend.outputs)
+    from cmft.inference import TorchBackend
+
+    attention = TorchBackend(AttentionModule(backend.module), backend.dtype)
+    gradient = partial(attention_x_gradient, attention, loaded.meta)
+    return EvidenceBackend(backend, loaded.meta, attention.outputs if method == "attention" else gradient)
+
+
+class EvidenceBackend:
+    """Rows of (probabilities [L], {code index: weight per position}) for the codes `decode` gives under `meta`."""
+
+    def __init__(self, backend: Any, meta: dict[str, Any], compute: Any):
+        self.name, self.provider = backend.name, backend.provider
+        self.meta, self.compute = meta, compute
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[tuple[np.ndarray, dict]]:
+        probabilities, weights = self.compute(input_ids, attention_mask)
+        rows = []
+        for row, row_probabilities in enumerate(probabilities):
+            end = int(np.flatnonzero(attention_mask[row].reshape(-1)).max()) + 1  # the note's last position
+            kept = {j: np.asarray(weights[row, j, :end], dtype=np.float32) for j in predicted_codes(row_probabilities,
+                    self.meta)}  # fmt: skip
+            rows.append((row_probabilities, kept))
+        return rows
+
+
+def attention_x_gradient(backend: Any, meta: dict[str, Any], input_ids: np.ndarray, attention_mask: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Probabilities [B, L] and, for the codes `decode` gives, a_lt · |x_t · ∂z_l/∂x_t| normalised over the
+    positions (other codes: 0). One backward pass per code: the notes of a batch do not interact."""
+    module, coder = backend.module, backend.module.module.coder
+    device = next(module.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def keep(_layer: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        captured.append(output.detach().requires_grad_(True))  # the input embeddings x, a leaf to differentiate by
+        return captured[-1]
+
+    half = torch.autocast(device.type, dtype=backend.dtype) if backend.dtype != torch.float32 else nullcontext()
+    handle = coder.encoder.get_input_embeddings().register_forward_hook(keep)
+    try:
+        with torch.enable_grad(), half:
+            ids, mask = torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device)
+            logits, attention = coder.head.attend(*module.module.states(ids, mask))
+    finally:
+        handle.remove()
+    embeddings, batch = captured[0], input_ids.shape[0]
+    probabilities = torch.sigmoid(logits).detach().float().cpu().numpy()
+    chosen = [predicted_codes(row, meta) for row in probabilities]
+    weights = torch.zeros_like(attention, dtype=torch.float32).detach()
+    for code in sorted({j for codes in chosen for j in codes}):
+        rows = [row for row, codes in enumerate(chosen) if code in codes]
+        (gradient,) = torch.autograd.grad(logits[rows, code].sum(), embeddings, retain_graph=True)
+        saliency = (gradient.float() * embeddings.detach().float()).sum(-1).abs().reshape(batch, -1)
+        product = attention[rows, code].detach().float() * saliency[rows]
+        weights[rows, code] = product / product.sum(-1, keepdim=True).clamp_min(1e-12)
+    return probabilities, weights.cpu().numpy()
+
+
+# the note ---------------------------------------------------------------------------------------------------------
+def note_offsets(tokenizer: Any, text: str, meta: dict[str, Any]) -> list[tuple[int, int]] | None:
+    """(start, end) of each body token of the note (as encode_note tokenizes it) when evidence is asked for."""
+    if "evidence" not in meta:
+        return None
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+
+
+def body_positions(count: int, settings: dict[str, Any]) -> np.ndarray:
+    """The flat model position of each of `count` body tokens, -1 where max_length or max_chunks cut it."""
+    index = np.arange(count)
+    if settings["mode"] != "chunked":
+        return np.where(index < settings["max_length"] - 2, index + 1, -1)
+    size = settings["chunk_size"]
+    chunk = index // (size - 2)
+    return np.where(chunk < settings["max_chunks"], chunk * size + 1 + index % (size - 2), -1)
+
+
+def note_words(text: str, offsets: list[tuple[int, int]], settings: dict[str, Any]) -> list[tuple[int, int, list]]:
+    """The note's words: (start, end, the model positions of their tokens). Tokens join a word when they overlap it
+    or touch it inside a run of letters and digits; whitespace at a token's edges is not part of it."""
+    words: list[tuple[int, int, list]] = []
+    for (start, end), position in zip(offsets, body_positions(len(offsets), settings).tolist(), strict=True):
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        if start >= end:
+            continue
+        positions = [position] if position >= 0 else []
+        if words and (start < words[-1][1] or (start == words[-1][1] and text[start - 1].isalnum()
+                                               and text[start].isalnum())):  # fmt: skip
+            first, last, held = words[-1]
+            words[-1] = (first, max(last, end), held + positions)
+        else:
+            words.append((start, end, positions))
+    return words
+
+
+def spans_with_positions(weights: np.ndarray, words: list[tuple[int, int, list]], k: int
+                         ) -> list[tuple[int, int, float, list]]:  # fmt: skip
+    """A code's k heaviest spans of neighbouring heavy words: (start, end, weight, model positions), heaviest first."""
+    weight = np.array([float(weights[positions].sum()) if positions else 0.0 for _, _, positions in words])
+    heavy = sorted(j for j in np.argsort(-weight, kind="stable")[: WORDS_PER_SPAN * k].tolist() if weight[j] > 0)
+    spans: list[list] = []  # [first word, last word, weight, positions]
+    for j in heavy:
+        if spans and spans[-1][1] == j - 1:
+            spans[-1][1], spans[-1][2] = j, spans[-1][2] + weight[j]
+            spans[-1][3] = spans[-1][3] + words[j][2]
+        else:
+            spans.append([j, j, weight[j], list(words[j][2])])
+    spans.sort(key=lambda span: -span[2])
+    return [(words[first][0], words[last][1], total, positions) for first, last, total, positions in spans[:k]]
+
+
+def with_evidence(codes: list[dict], weights: dict[int, np.ndarray], text: str, unit: Any, meta: dict[str, Any]
+                  ) -> list[dict]:  # fmt: skip
+    """`codes` (decode's entries) each with its evidence spans; `weights`: EvidenceBackend's rows of these codes."""
+    words = note_words(text, unit.offsets, meta["icd"])
+    by_code = {meta["labels"][j]: row for j, row in weights.items()}
+    for code in codes:
+        found = spans_with_positions(by_code[code["code"]], words, meta["evidence"]["k"])
+        code["evidence"] = [{"start": start, "end": end, "weight": round(weight, 6)} for start, end, weight, _ in found]
+    return codes
