@@ -67,6 +67,7 @@ def test_spans_cover_whole_words_and_join_neighbours(tokenizer):
     spans = codes[0]["evidence"]
     assert [TEXT[s["start"] : s["end"]] for s in spans] == ["neuropathy", "chest pain"]
     assert [s["weight"] for s in spans] == pytest.approx([0.3, 0.25])
+    assert all(type(s["weight"]) is float and type(s["start"]) is int for s in spans)  # plain JSON numbers
 
 
 def _check_spans(text: str, result: dict, k: int) -> int:

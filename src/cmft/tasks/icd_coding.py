@@ -173,7 +173,8 @@ class IcdCodingTask(Task):
     output = "probabilities"
     output_meaning = (
         "[batch, codes] probabilities (label-wise attention included); codes at or above the manifest's "
-        "`threshold` are predicted"
+        "`threshold` are predicted. With label attention a second output, `label_attention` [batch, codes, "
+        "positions]: each code's attention over the note's tokens (what `cmft predict --evidence` reads)"
     )
     learning_rates = {"tiny": {"full": 3e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
     decode_options = {"threshold": float, "top_k": int}  # a request may set its own (cmft serve)

@@ -197,7 +197,7 @@ def spans_with_positions(weights: np.ndarray, words: list[tuple[int, int, list]]
         else:
             spans.append([j, j, weight[j], list(words[j][2])])
     spans.sort(key=lambda span: -span[2])
-    return [(words[first][0], words[last][1], total, positions) for first, last, total, positions in spans[:k]]
+    return [(words[first][0], words[last][1], float(total), positions) for first, last, total, positions in spans[:k]]
 
 
 def with_evidence(codes: list[dict], weights: dict[int, np.ndarray], text: str, unit: Any, meta: dict[str, Any]
