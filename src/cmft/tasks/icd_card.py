@@ -18,6 +18,11 @@ for c, chunk in enumerate(chunks):
     rows[0, c, : len(chunk)], mask[0, c, : len(chunk)] = chunk, 1
 feed = {{"input_ids": rows, "attention_mask": mask}}"""
 
+CARD_USAGE = """from cmft import IcdCoder
+
+coder = IcdCoder.from_pretrained(".")
+codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the tuned threshold"""
+
 
 METRICS_NOTE = (
     "Which figures are which: `micro_f1`, `macro_f1`, the AUCs, precision@k, recall@15 and `map` count only the "

@@ -19,7 +19,8 @@ from cmft.heads import LabelAttentionHead, PooledHead
 from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
 from cmft.tasks import icd_evidence
 from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
-from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, METRICS_NOTE
+from cmft.tasks.icd_batches import collate_notes, pad_chunks
+from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, CARD_USAGE, METRICS_NOTE
 from cmft.tasks.icd_labels import init_queries_from_descriptions, normalize_code, per_label_plot
 from cmft.tasks.icd_metrics import all_code_metrics, code_thresholds, tune_code_thresholds
 
@@ -133,16 +134,6 @@ def encode_note(tokenizer, text: str, settings: dict[str, Any]) -> tuple[Any, bo
     return [[cls_id, *p, sep_id] for p in pieces[: settings["max_chunks"]]], len(pieces) > settings["max_chunks"]
 
 
-def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Pad to the longest note (whole: [B, T]) or to the most chunks ([B, C, chunk_size]), as inference does."""
-    units = [Unit(row, feature["input_ids"]) for row, feature in enumerate(features)]
-    ids, mask = IcdCodingTask.collate(units, pad_id, {"icd": settings})
-    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-    if "labels" in features[0]:
-        batch["labels"] = torch.tensor(np.stack([f["labels"] for f in features]), dtype=torch.float32)
-    return batch
-
-
 class IcdModule(nn.Module):
     """Probabilities of every code, with the exported signature. Chunked input [B, C, S] encodes every chunk (no
     data-dependent skipping, so it traces); the label attention masks the padding chunks."""
@@ -182,12 +173,7 @@ class IcdCodingTask(Task):
     evidence_backend = classmethod(icd_evidence.evidence_backend)
     description = "Assigns each note its ICD codes (multi-label), those at or above a threshold tuned on dev."
     library_name = "cmft"
-    card_usage = {
-        "cmft": """from cmft import IcdCoder
-
-coder = IcdCoder.from_pretrained(".")
-codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the tuned threshold"""
-    }
+    card_usage = {"cmft": CARD_USAGE}
     card_adapter = CARD_ADAPTER
     metrics_note = METRICS_NOTE
 
@@ -370,17 +356,8 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
     @classmethod
     def collate(cls, units: list[Unit], pad_id: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """[B, T], or [B, C, chunk_size] for chunked notes."""
-        if meta["icd"]["mode"] != "chunked":
-            return pad_rows(units, pad_id)
-        size = meta["icd"]["chunk_size"]
-        chunks = max(len(u.input_ids) for u in units)
-        ids = np.full((len(units), chunks, size), pad_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, unit in enumerate(units):
-            for c, chunk in enumerate(unit.input_ids):
-                ids[row, c, : len(chunk)] = chunk
-                mask[row, c, : len(chunk)] = 1
-        return ids, mask
+        chunked = meta["icd"]["mode"] == "chunked"
+        return pad_chunks(units, pad_id, meta["icd"]["chunk_size"]) if chunked else pad_rows(units, pad_id)
 
     @classmethod
     def input_shape(cls, meta: dict[str, Any]) -> str:
