@@ -122,6 +122,9 @@ class LabelSpaceConfig(StrictModel):
     """`code`: full codes (E11.9); `category`: their 3-character categories (E11)."""
     min_train_count: PositiveInt = 5
     """Keep labels with at least this many train documents; the others are counted and reported."""
+    zero_shot: bool = False
+    """Also score codes never in the label space: each code of `descriptions` in the 3-character category of a trained
+    code, from its description through the fine-tuned encoder, added after training (cmft.tasks.icd_zero_shot)."""
 
 
 class IcdCodingConfig(TaskSection):
@@ -133,7 +136,11 @@ class IcdCodingConfig(TaskSection):
     head: Literal["label_attention", "pooled"] = "label_attention"
     attention_dim: PositiveInt = 256
     init_from_descriptions: bool = False
-    """Start each label query from the encoder's embedding of its ICD-10-CM description."""
+    """Start each label query from the encoder's embedding of its description (`descriptions`)."""
+    descriptions: str = "bundled:data/icd_codes/icd10cm_2024_codes.tsv.gz"
+    """code<TAB>description rows (a header row optional; .gz read as gzip): ICD-10-CM 2024 by default; bring your own
+    for other code sets (ICD-9-CM codes written as the data writes them). Read for training only: the model keeps what
+    it needs."""
     thresholds: Literal["global", "per_code"] = "global"
     """`global`: one threshold tuned on dev; `per_code`: codes with at least `per_code_min_positives` dev notes get
     their own (tuned on dev), the others the global one."""
@@ -145,6 +152,12 @@ class IcdCodingConfig(TaskSection):
     def check(self, training: TrainingConfig, data: DataConfig) -> None:
         if training.max_length > 8192:
             raise ValueError("training.max_length must be at most 8192")
+        if self.label_space.zero_shot and self.head != "label_attention":
+            raise ValueError("icd_coding.label_space.zero_shot needs icd_coding.head: label_attention (the pooled head "
+                             "has no label queries for a description to fill)")  # fmt: skip
+        if self.label_space.zero_shot and self.label_space.level != "code":
+            raise ValueError("icd_coding.label_space.zero_shot needs label_space.level: code (zero-shot codes are the "
+                             "other codes of a trained code's category)")  # fmt: skip
 
 
 class NerConfig(TaskSection):

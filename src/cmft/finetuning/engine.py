@@ -1,5 +1,6 @@
 """The fine-tuning engine, the same for every task (cmft.tasks supplies data, model, trainer, scoring, saving):
-encoder → task data → (LoRA) → trainer → best dev checkpoint → dev and test metrics (cmft.evaluation) → run folder."""
+encoder → task data → (LoRA) → trainer → best dev checkpoint → the task's last touches (ICD: zero-shot codes) → dev and
+test metrics (cmft.evaluation) → run folder."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cmft.config import dump_config
 from cmft.errors import CmftError
 from cmft.evaluation import evaluate, split_outputs
 from cmft.finetuning.config import RecipeConfig, step_schedule
+from cmft.finetuning.lora import refresh_adapter
 from cmft.finetuning.rates import resolve_learning_rate
 from cmft.inference import TorchBackend
 from cmft.memory import choose_checkpointing, enable_checkpointing
@@ -144,6 +146,10 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     model = _trained_model(trainer, task, recipe, tokenizer, work)
     if not distributed.is_main():  # rank 0 evaluates and writes
         return finish_run(final)
+    model = task.finish_model(model, tokenizer)
+    if recipe.tuning.method == "lora":
+        refresh_adapter(work / "adapter", model)
+    report |= task.report
     metrics = _final_metrics(task, model, recipe, tokenizer.pad_token_id or 0, report)
     task.save(model, tokenizer, work / "model")
     task.save_extras(work / "model", metrics.pop("_outputs"), metrics["split"], work / "plots")

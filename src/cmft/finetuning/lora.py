@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from cmft.errors import CmftError
@@ -40,3 +42,20 @@ def wrap_lora(model: nn.Module, model_type: str, tuning: TuningConfig, head_modu
         return get_peft_model(model, config)
     except ValueError as exc:
         raise CmftError(f"tuning: LoRA could not wrap the encoder ({exc})") from None
+
+
+def refresh_adapter(adapter: Path, model: nn.Module) -> None:
+    """Rewrite the fully trained modules (the head) saved in `adapter` from the merged `model`, so that what a task
+    changes after training (ICD coding: zero-shot codes appended to the head) reaches the adapter too."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = adapter / "adapter_model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    state = model.state_dict()
+    for key in tensors:
+        name = key.removeprefix("base_model.model.")
+        if name in state:  # a LoRA matrix (lora_A, lora_B) has no counterpart in the merged model
+            tensors[key] = state[name].detach().contiguous().cpu()
+    save_file(tensors, str(path), metadata=metadata)

@@ -142,6 +142,10 @@ class Task:
     def load_model(self, folder: Path) -> nn.Module:
         return self.auto_class.from_pretrained(folder, use_safetensors=True).eval()
 
+    def finish_model(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+        """The trained model as it is evaluated and saved (ICD coding adds its zero-shot codes here)."""
+        return model
+
     def save(self, model: nn.Module, tokenizer: Any, folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -21,8 +21,10 @@ from cmft.tasks import icd_evidence
 from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
 from cmft.tasks.icd_batches import collate_notes, pad_chunks
 from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, CARD_USAGE, METRICS_NOTE
-from cmft.tasks.icd_labels import init_queries_from_descriptions, normalize_code, per_label_plot
+from cmft.tasks.icd_descriptions import init_queries_from_descriptions, read_descriptions, undescribed
+from cmft.tasks.icd_labels import normalize_code, per_label_plot
 from cmft.tasks.icd_metrics import all_code_metrics, code_thresholds, tune_code_thresholds
+from cmft.tasks.icd_zero_shot import add_zero_shot_codes, zero_shot_scores
 
 HEAD_WEIGHTS = "icd_head.safetensors"
 HEAD_CONFIG = "icd_coding.json"
@@ -185,6 +187,9 @@ class IcdCodingTask(Task):
         self.code_thresholds: dict[str, float] = {}  # icd_coding.thresholds: per_code
         self.label_frequency: np.ndarray | None = None
         self.train_counts: dict[str, int] | None = None  # code → train documents, every train code
+        self.descriptions: dict[str, str] = {}  # code → description (icd_coding.descriptions), read for training only
+        self.zero_shot_labels: list[str] = []  # the last labels: scored from descriptions, added after training
+        self.zero_shot_threshold: float | None = None
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -194,6 +199,7 @@ class IcdCodingTask(Task):
             "attention_dim": o.attention_dim, "chunk_size": o.chunk_size, "max_chunks": o.max_chunks,
             "max_length": self.recipe.training.max_length, "level": o.label_space.level,
             "code_thresholds": self.code_thresholds, "train_code_counts": self.train_counts,
+            "zero_shot_labels": self.zero_shot_labels, "zero_shot_threshold": self.zero_shot_threshold,
         }  # fmt: skip
 
     def tokens_per_pass(self) -> tuple[int, str]:
@@ -228,15 +234,20 @@ class IcdCodingTask(Task):
             self.train_counts = dict(sorted(counts.items()))
         minimum = self.options.label_space.min_train_count
         labels = labels if labels is not None else (self.labels or None)
-        self.labels = list(labels) if labels is not None else sorted(c for c, n in counts.items() if n >= minimum)
+        if labels is None:  # a new label space, from train (a bad descriptions file fails here, before training)
+            labels = sorted(c for c, n in counts.items() if n >= minimum)
+            self.descriptions = read_descriptions(self.options.descriptions)
+            self.report["n_labels_without_description"] = undescribed(self.descriptions, labels)
+        self.labels = list(labels)
         if not self.labels:
             raise CmftError(
                 f"icd_coding.label_space: no code has ≥ {self.options.label_space.min_train_count} train documents; "
                 "lower min_train_count or use level: category"
             )
-        index = {code: i for i, code in enumerate(self.labels)}
-        self.label_frequency = np.array([counts[c] / max(len(train), 1) for c in self.labels])
-        self.report["n_labels"] = len(self.labels)
+        trained = self.labels[: len(self.labels) - len(self.zero_shot_labels)]  # the label space: the targets
+        index = {code: i for i, code in enumerate(trained)}
+        self.label_frequency = np.array([counts[c] / max(len(train), 1) for c in trained])
+        self.report["n_labels"] = len(index)
         for name, split in self.splits.items():
             outside = sum(1 for e in split.examples for c in e.label if c not in index)
             self.report[f"n_codes_outside_label_space_{name}"] = outside
@@ -245,7 +256,7 @@ class IcdCodingTask(Task):
             for example in split.examples:
                 ids, was_cut = encode_note(tokenizer, example.text, self.settings)
                 cut += was_cut
-                target = np.zeros(len(self.labels), dtype=np.float32)
+                target = np.zeros(len(index), dtype=np.float32)
                 target[[index[c] for c in example.label if c in index]] = 1.0
                 rows.append({"input_ids": ids, "labels": target})
             self.report[f"n_truncated_{name}"] = cut
@@ -267,8 +278,14 @@ class IcdCodingTask(Task):
             weight = np.clip(np.sqrt((1 - prior) / prior), 1.0, 30.0)
             coder.register_buffer("positive_weight", torch.tensor(weight, dtype=torch.float32), persistent=False)
         if self.options.init_from_descriptions and self.options.head == "label_attention":
-            init_queries_from_descriptions(coder, AutoTokenizer.from_pretrained(encoder), self.labels)
+            tokenizer = AutoTokenizer.from_pretrained(encoder)
+            init_queries_from_descriptions(coder, tokenizer, self.labels, self.descriptions)
         return coder
+
+    def finish_model(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+        if self.options.label_space.zero_shot:
+            add_zero_shot_codes(self, model, tokenizer)  # from the fine-tuned encoder
+        return model
 
     def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
         outputs = model(**inputs)
@@ -289,6 +306,8 @@ class IcdCodingTask(Task):
         self.threshold = meta["threshold"]
         self.train_counts = meta["icd"].get("train_code_counts")  # None in models saved before it was kept
         self.code_thresholds = meta["icd"].get("code_thresholds") or {}
+        self.zero_shot_labels = list(meta["icd"].get("zero_shot_labels", []))
+        self.zero_shot_threshold = meta["icd"].get("zero_shot_threshold")
 
     def load_model(self, folder: Path) -> nn.Module:
         coder = IcdCoder.from_pretrained(folder)
@@ -312,22 +331,25 @@ class IcdCodingTask(Task):
     def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
         probabilities = np.stack(outputs).astype(np.float64)
         labels = np.stack([row["labels"] for row in self.datasets[split]])
+        trained = probabilities[:, : labels.shape[1]]  # the label space; zero-shot codes are the last columns
         if tune:  # chosen on dev, saved with the model, applied to test: a global threshold, per code if asked
-            self.threshold, _ = tune_threshold(labels, probabilities)
+            self.threshold, _ = tune_threshold(labels, trained)
             if self.options.thresholds == "per_code":
-                own = tune_code_thresholds(labels, probabilities, self.threshold, self.options.per_code_min_positives)
+                own = tune_code_thresholds(labels, trained, self.threshold, self.options.per_code_min_positives)
                 self.code_thresholds = {self.labels[j]: t for j, t in own.items()}
+        zero_shot = zero_shot_scores(self, split, probabilities, tune)  # their threshold, chosen on dev
         thresholds = code_thresholds(self.settings)
         gold = [set(example.label) for example in self.splits[split].examples]
         predicted = [{self.labels[j] for j in np.flatnonzero(row >= thresholds)} for row in probabilities]
-        return {**multilabel_metrics(labels, probabilities, thresholds), "threshold": self.threshold,
-                "n_codes_own_threshold": len(self.code_thresholds),
+        return {**multilabel_metrics(labels, trained, thresholds[: labels.shape[1]]), "threshold": self.threshold,
+                "n_codes_own_threshold": len(self.code_thresholds), **zero_shot,
                 **all_code_metrics(gold, predicted, self.labels, self.train_counts)}  # fmt: skip
 
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         labels = np.stack([row["labels"] for row in self.datasets[split]])
+        trained = np.stack(outputs)[:, : labels.shape[1]].astype(np.float64)  # the label space's columns
         per_label_plot(
-            per_label_precision_recall(labels, np.stack(outputs).astype(np.float64), code_thresholds(self.settings)),
+            per_label_precision_recall(labels, trained, code_thresholds(self.settings)[: labels.shape[1]]),
             plots / "per_label_precision_recall.png",
         )
 
@@ -374,7 +396,9 @@ class IcdCodingTask(Task):
     @classmethod
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
         probabilities, weights = outputs[0] if "evidence" in meta else (outputs[0], None)  # weights: evidence rows
+        first_zero_shot = len(meta["labels"]) - len(meta["icd"].get("zero_shot_labels") or ())
         codes = [{"code": meta["labels"][j], "probability": round(float(probabilities[j]), 6)}
+                 | ({"zero_shot": True} if j >= first_zero_shot else {})
                  for j in icd_evidence.predicted_codes(probabilities, meta)]  # fmt: skip
         return {"codes": icd_evidence.with_evidence(codes, weights, text, units[0], meta) if weights else codes}
 

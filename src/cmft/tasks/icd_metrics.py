@@ -125,6 +125,11 @@ def tune_code_thresholds(
 
 
 def code_thresholds(settings: dict[str, Any]) -> np.ndarray:
-    """Each label's decision threshold: its own (icd_coding.thresholds: per_code) or the global one."""
+    """Each label's decision threshold: its own (icd_coding.thresholds: per_code), the zero-shot codes' (the last
+    labels, cmft.tasks.icd_zero_shot), or the global one."""
     own = settings.get("code_thresholds") or {}
-    return np.array([own.get(code, settings["threshold"]) for code in settings["labels"]], dtype=np.float64)
+    thresholds = np.array([own.get(code, settings["threshold"]) for code in settings["labels"]], dtype=np.float64)
+    zero_shot = len(settings.get("zero_shot_labels") or ())
+    if zero_shot:
+        thresholds[-zero_shot:] = settings["zero_shot_threshold"]
+    return thresholds
