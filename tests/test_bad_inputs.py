@@ -334,6 +334,32 @@ def finetune_retrieval_empty_pairs(w):
 
 
 @case
+def validate_descriptions_not_two_columns(w):
+    table = w.write("my_codes.tsv", "code\tdescription\nE11.9 Type 2 diabetes mellitus\n")
+    args = ["validate", "icd_coding", w.enc, f"icd_coding.descriptions={table}"]
+    return args, ["icd_coding.descriptions", "my_codes.tsv", "line 2", "expected code<TAB>description"]
+
+
+@case
+def finetune_descriptions_missing(w):
+    args = ["finetune", "icd_coding", w.enc, "icd_coding.descriptions=no_such_codes.tsv", *QUICK, *w.out()]
+    return args, ["icd_coding.descriptions", "no_such_codes.tsv", "file not found"]
+
+
+@case
+def finetune_descriptions_empty(w):
+    table = w.write("empty_codes.tsv", "\n")
+    args = ["finetune", "icd_coding", w.enc, f"icd_coding.descriptions={table}", *QUICK, *w.out()]
+    return args, ["empty_codes.tsv", "no code<TAB>description rows"]
+
+
+@case
+def validate_zero_shot_pooled_head(w):
+    args = ["validate", "icd_coding", w.enc, "icd_coding.head=pooled", "icd_coding.label_space.zero_shot=true"]
+    return args, ["icd_coding.label_space.zero_shot needs icd_coding.head: label_attention"]
+
+
+@case
 def pretrain_missing_corpus_file(w):
     config = w.pretrain_config([{"path": str(w.tmp / "missing_corpus.txt")}])
     return ["pretrain", str(config), *w.out()], ["missing_corpus.txt"]
