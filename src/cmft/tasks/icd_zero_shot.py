@@ -5,7 +5,8 @@ Which codes: the codes of the description table (icd_coding.descriptions) outsid
 category holds a trained code: the siblings of the trained codes. They follow from the table and the train split alone,
 never from dev or test gold codes. On CodiEsp, 247 trained codes in 189 categories give 3,957 siblings, and the share
 of test gold codes the model can output rises from 0.54 to 0.67; all 74,044 table codes would multiply the head's work
-per note by 300 (prediction with the siblings takes ~1.7× as long with a 4.4M-parameter ModernBERT at 1,024 tokens).
+per note by 300 (with the siblings, `cmft predict` took 1.64× as long on 50 CodiEsp test notes with a
+4.4M-parameter ModernBERT at 1,024 tokens, one CPU thread).
 
 How a zero-shot code z is scored: by the same label-wise attention as a trained code (cmft.heads.LabelAttentionHead),
 its rows appended to the head, so that the saved model, `cmft predict`, `cmft serve` and the ONNX export (made from the
