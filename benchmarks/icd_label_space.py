@@ -8,6 +8,7 @@ gold codes (`micro_f1_all_codes`, `macro_f1_all_codes`, `label_space_coverage`, 
     all_codes     min_train_count 1 (every train code: 1,767)
     descriptions  all_codes + init_from_descriptions (label queries from the ICD-10-CM descriptions)
     rare_weight   all_codes + rare_code_weight (rare codes' positives weighted in the loss)
+    zero_shot     all_codes + label_space.zero_shot (codes of a trained code's category, from their descriptions)
 
 Per-code thresholds need no retraining: for each run, dev is cut in two halves; the global threshold and the per-code
 thresholds (codes with ≥ --half-min-positives positives in the tuning half) are tuned on one half and judged on the
@@ -43,9 +44,11 @@ VARIANTS = {
     "all_codes": ["icd_coding.label_space.min_train_count=1"],
     "descriptions": ["icd_coding.label_space.min_train_count=1", "icd_coding.init_from_descriptions=true"],
     "rare_weight": ["icd_coding.label_space.min_train_count=1", "icd_coding.rare_code_weight=true"],
+    "zero_shot": ["icd_coding.label_space.min_train_count=1", "icd_coding.label_space.zero_shot=true"],
 }
 KEYS = ("micro_f1", "micro_f1_all_codes", "macro_f1_all_codes", "precision_all_codes", "recall_all_codes",
-        "label_space_coverage", "micro_f1_category", "n_codes_never_predicted", "n_labels", "threshold")  # fmt: skip
+        "label_space_coverage", "micro_f1_category", "n_codes_never_predicted", "n_labels", "n_zero_shot_labels",
+        "threshold")  # fmt: skip
 
 
 def thresholds_cv(run: Path, half_min_positives: int, seed: int = 0) -> dict[str, float]:
@@ -62,6 +65,7 @@ def thresholds_cv(run: Path, half_min_positives: int, seed: int = 0) -> dict[str
     task.prepare(loaded.tokenizer, splits=("dev",))
     probs = np.stack(split_outputs(task, TorchBackend(loaded.module), "dev", 16, loaded.pad_id)).astype(np.float64)
     y = np.stack([row["labels"] for row in task.datasets["dev"]]).astype(bool)
+    probs, labels = probs[:, : y.shape[1]], task.labels[: y.shape[1]]  # the trained codes (zero-shot ones follow)
     gold = [set(example.label) for example in task.splits["dev"].examples]
     order = np.random.default_rng(seed).permutation(len(gold))
     halves = (order[: len(order) // 2], order[len(order) // 2 :])
@@ -69,11 +73,11 @@ def thresholds_cv(run: Path, half_min_positives: int, seed: int = 0) -> dict[str
     for tune, judge in (halves, halves[::-1]):
         threshold, _ = tune_threshold(y[tune], probs[tune])
         own = tune_code_thresholds(y[tune], probs[tune], threshold, half_min_positives)
-        per_code = np.full(len(task.labels), threshold)
+        per_code = np.full(len(labels), threshold)
         per_code[list(own)] = list(own.values())
         for name, cut in (("global", threshold), ("per_code", per_code)):
-            predicted = [{task.labels[j] for j in np.flatnonzero(row >= cut)} for row in probs[judge]]
-            metrics = all_code_metrics([gold[i] for i in judge], predicted, task.labels, task.train_counts)
+            predicted = [{labels[j] for j in np.flatnonzero(row >= cut)} for row in probs[judge]]
+            metrics = all_code_metrics([gold[i] for i in judge], predicted, labels, task.train_counts)
             scores[name].append(metrics["micro_f1_all_codes"])
         scores["n_codes_own_threshold"].append(len(own))
     return {name: statistics.fmean(values) for name, values in scores.items()}

@@ -26,7 +26,8 @@ codes = coder.predict(["{example}"])[0]  # {{code: probability}} at or above the
 
 METRICS_NOTE = (
     "Which figures are which: `micro_f1`, `macro_f1`, the AUCs, precision@k, recall@15 and `map` count only the "
-    "{n_labels} codes the model can output (its label space); the `_all_codes` figures count every gold code of the "
+    "{n_labels} codes trained as labels (the label space); the `_all_codes` figures count every gold code of the "
     "split, a code the model cannot output being a miss, and `label_space_coverage` is the share of the split's gold "
-    "codes the model can output. `micro_f1_category` compares 3-character categories (E11.65 for E11.9 is right)."
+    "codes the model can output (zero-shot codes included, when it has them). `micro_f1_category` compares "
+    "3-character categories (E11.65 for E11.9 is right)."
 )

@@ -19,7 +19,7 @@ from cmft.heads import LabelAttentionHead, PooledHead
 from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
 from cmft.tasks import icd_evidence
 from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
-from cmft.tasks.icd_batches import collate_notes, pad_chunks
+from cmft.tasks.icd_batches import collate_notes, encode_chunks, pad_chunks
 from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, CARD_USAGE, METRICS_NOTE
 from cmft.tasks.icd_descriptions import init_queries_from_descriptions, read_descriptions, undescribed
 from cmft.tasks.icd_labels import normalize_code, per_label_plot
@@ -53,29 +53,8 @@ class IcdCoder(nn.Module):
         return self.encoder.config
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states and mask. Chunked input [B, C, S] is encoded chunk by chunk (PLM-ICD) and concatenated.
-
-        Chunks that are all padding are skipped. A note's last chunk is usually part-filled: the full chunks are
-        encoded in one call and the part-filled ones in another, cut to the longest of them, so the encoder does not
-        run over the padding (chunks are right-padded; padding positions keep zero states, which the head masks)."""
-        if input_ids.dim() == 2:
-            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask
-        batch, chunks, size = input_ids.shape
-        flat_ids, flat_mask = input_ids.reshape(-1, size), attention_mask.reshape(-1, size)
-        rows = flat_mask.any(-1).nonzero().squeeze(-1)
-        lengths = flat_mask[rows].sum(-1)
-        states: torch.Tensor | None = None
-        for group in (rows[lengths == size], rows[lengths < size]):
-            if len(group) == 0:
-                continue
-            width = int(flat_mask[group].sum(-1).max())
-            ids, mask = flat_ids[group, :width], flat_mask[group, :width]
-            encoded = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            if states is None:
-                states = encoded.new_zeros((batch * chunks, size, encoded.shape[-1]))
-            states[group, :width] = encoded
-        assert states is not None  # every note has a chunk: encode_note always gives [CLS] … [SEP]
-        return states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
+        """Token states and mask (chunked input: cmft.tasks.icd_batches.encode_chunks)."""
+        return encode_chunks(self.encoder, input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         states, mask = self.encode(input_ids, attention_mask)
