@@ -3,13 +3,17 @@
 For NER (bundled NCBI-disease sentences repeated with distinct ids, default 20,000 and 60,000 rows) and ICD coding
 (CodiEsp notes repeated, default 2,000), each `cmft predict` runs as its own process, as a user runs it:
 
-1. the small and the large input, one process: the peak resident memory of each (the child's ru_maxrss, from
-   wait4) and rss_growth = large / small − 1 (goal ≤ 0.10: memory is that of a buffer, not of the input);
+1. the small and the large input, one process: the peak resident memory of each (the run's ru_maxrss, reported by
+   a small interpreter that starts it) and rss_growth = large / small − 1 (goal ≤ 0.10: memory is that of a
+   buffer, not of the input);
 2. the large input again, SIGKILLed once about half of its buffers are written, then `--resume`d: the output must be
    byte-identical to the uninterrupted run's; resume_redone_rows = rows the resumed run predicted that the killed run
    had started (its buffer in flight: at most one buffer, `--buffer-rows`);
 3. the large input under `torchrun --nproc_per_node 2`: byte-identical to one process.
-Rows/s of each setting, from `cmft predict`'s own summary (predicting and assembling, not start-up).
+Rows/s of each setting, from `cmft predict`'s own summary (predicting and assembling, not start-up). One process
+uses torch's default threads (every core); each torchrun process takes cores / 2. On a machine busy with other work,
+threads wait on each other and one process with every core can be far slower than two with half each
+(`load_average_at_start` is recorded for that reason).
 
     python benchmarks/predict_scale.py --ner-run runs/finetune/<ner run> --icd-run runs/finetune/<icd run>
         [--rows 20000,60000] [--icd-rows 2000] [--buffer-rows 10000] [--icd-buffer-rows 200]
@@ -87,24 +91,26 @@ def cmft_predict(run: Path, inputs: Path, output: Path, buffer_rows: int, *extra
             "--buffer-rows", str(buffer_rows), *extra]  # fmt: skip
 
 
-def wait(process: subprocess.Popen) -> tuple[int, int]:
-    """(exit status, peak resident memory in MiB) of a child, its own ru_maxrss (not the largest of all children)."""
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, round(usage.ru_maxrss / 1024)
+# A child's ru_maxrss counts the memory it had before exec, a copy of this (large) process: a small interpreter
+# starts each run and reports the peak of its own child, the run.
+PEAK = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); print('peak_rss_kb', "
+    "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
 
 
 def run(command: list[str], log: Path) -> dict:
     with open(log, "w", encoding="utf-8") as stderr:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, env=environment())
-        code, rss = wait(process)
+        code = subprocess.call([sys.executable, "-c", PEAK, *command], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=stderr, env=environment())  # fmt: skip
     text = log.read_text(encoding="utf-8")
     if code != 0:
         sys.exit(f"{' '.join(command[2:5])} failed ({code}):\n{text[-3000:]}")
     found = SUMMARY.search(text)
     reused = re.search(r"(\d+) from earlier parts", text)
     return {"texts": int(found[1]), "seconds": float(found[2]), "rows_per_s": float(found[3]),
-            "reused": int(reused[1]) if reused else 0, "peak_rss_mb": rss}  # fmt: skip
+            "reused": int(reused[1]) if reused else 0,
+            "peak_rss_mb": round(int(re.search(r"peak_rss_kb (\d+)", text)[1]) / 1024)}  # fmt: skip
 
 
 def killed_at_half(command: list[str], parts: Path, buffers: int) -> int:
@@ -116,7 +122,7 @@ def killed_at_half(command: list[str], parts: Path, buffers: int) -> int:
             sys.exit("the run finished before it could be killed at half; use more rows or smaller buffers")
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
-    wait(process)
+    process.wait()
     return len(list(parts.glob("part-*.jsonl")))
 
 
@@ -191,7 +197,7 @@ def main() -> None:
     icd_rows = args.icd_rows or (240 if args.quick else 2000)
     ner_buffer = args.buffer_rows or (150 if args.quick else 10_000)
     icd_buffer = args.icd_buffer_rows or (20 if args.quick else 200)
-    started = time.monotonic()
+    started, load = time.monotonic(), [round(x, 2) for x in os.getloadavg()]  # other work slows the rates
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.quick:
@@ -202,7 +208,7 @@ def main() -> None:
         ner = measure("ner", runs["ner"], small, large, ner_buffer, work)
         icd = measure("icd", runs["icd"], icd_rows // 3, icd_rows, icd_buffer, work)
     result = {"benchmark": "predict_scale", "models": models, **ner, "icd": icd, "cores": os.cpu_count(),
-              "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+              "load_average_at_start": load, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
     argv = [relative_argument(argument) for argument in sys.argv]
     default = "benchmarks/results/predict_scale_quick.json" if args.quick else "benchmarks/results/predict_scale.json"
     write_results(args.results or ROOT / default, {**provenance(argv), **result})

@@ -133,6 +133,22 @@ def test_two_torchrun_processes_write_what_one_process_writes(runs, tmp_path, ca
     result = run_torchrun("predict", str(runs["ner"]), str(inputs), "--output", str(two), "--buffer-rows", "16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert two.read_bytes() == one.read_bytes()
-    summary = [line for line in result.stderr.splitlines() if line.startswith("predict: ")]
-    texts = sum(1 for row in rows if row["text"])
-    assert len(summary) == 1 and summary[0].startswith(f"predict: {texts} texts in ") and "2 processes" in summary[0]
+    summary = [line for line in result.stderr.splitlines() if " texts in " in line]
+    texts = [sum(1 for row in rows[k * 16 : k * 16 + 16] if row["text"]) for k in range(10)]  # per buffer
+    shares = f"2 processes ({sum(texts[0::2])} + {sum(texts[1::2])} texts)"  # buffer k to process k mod 2
+    assert len(summary) == 1 and summary[0].startswith(f"predict: {sum(texts)} texts in ") and shares in summary[0]
+
+
+@pytest.mark.slow
+def test_parts_outlive_a_failed_assembly_and_merge_later(runs, tmp_path, capsys):
+    inputs = _jsonl(tmp_path / "in.jsonl", _rows(20))
+    reference, output = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
+    _predict(capsys, str(runs["ner"]), str(inputs), "--output", str(reference))
+    (tmp_path / ".out.jsonl.partial").mkdir()  # where OUT is assembled: a folder, so the assembly fails
+    code, _, stderr = run_inline(capsys, "predict", str(runs["ner"]), str(inputs), "--output", str(output),
+                                 "--buffer-rows", "6")  # fmt: skip
+    assert code == 2 and "cannot write" in stderr and not output.exists()
+    assert len(list((tmp_path / "out.jsonl.parts").glob("part-*.jsonl"))) == 4
+    (tmp_path / ".out.jsonl.partial").rmdir()
+    stderr = _predict(capsys, "--merge", str(output))
+    assert output.read_bytes() == reference.read_bytes() and "merged 18 texts" in stderr

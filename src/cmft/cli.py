@@ -186,10 +186,12 @@ def predict(
         return
     notes = [f"{summary['n_inputs']} texts in {summary['seconds']:.1f} s ({summary['rows_per_s']:.1f} texts/s)",
              f"{summary['backend']} ({summary['provider']})"]  # fmt: skip
-    for key, label in (("processes", "processes"), ("n_reused", "from earlier parts"),
-                       ("n_truncated", "truncated to the model's limit"), ("n_windowed", "split into windows"),
-                       ("n_empty_skipped", "empty, skipped")):  # fmt: skip
-        if summary.get(key) and not (key == "processes" and summary[key] == 1):
+    if summary["processes"] > 1:
+        shares = " + ".join(str(n) for n in summary.get("per_process", []))
+        notes.append(f"{summary['processes']} processes" + (f" ({shares} texts)" if shares else ""))
+    for key, label in (("n_reused", "from earlier parts"), ("n_truncated", "truncated to the model's limit"),
+                       ("n_windowed", "split into windows"), ("n_empty_skipped", "empty, skipped")):  # fmt: skip
+        if summary.get(key):
             notes.append(f"{summary[key]} {label}")
     typer.echo("predict: " + ", ".join(notes) + (f" → {output}" if output else ""), err=True)
 

@@ -231,7 +231,7 @@ def _to_parts(inputs: Inputs, parts: Parts, shard: Shard, predictor: Predictor, 
     try:
         for k, rows in _buffers(inputs, shard):
             lines, counts = _predict_buffer(rows, predictor, progress)
-            parts.write(k, lines, counts)
+            parts.write(k, lines, {**counts, "process": shard.index})
             totals.add(counts)
     finally:
         progress.close()
@@ -255,4 +255,9 @@ def _assemble(parts: Parts, counts: list[dict[str, Any]], reused: set[int], sour
     assemble(parts, counts)
     parts.remove()
     n_reused = sum(counts[k]["n_inputs"] for k in reused if k < len(counts))
-    return {**totals.counts, "n_predicted": totals.counts["n_inputs"] - n_reused, "n_reused": n_reused}
+    by_process: dict[int, int] = {}  # texts each process predicted in this run
+    for k, part in enumerate(counts):
+        if k not in reused:
+            by_process[part["process"]] = by_process.get(part["process"], 0) + part["n_inputs"]
+    return {**totals.counts, "n_predicted": totals.counts["n_inputs"] - n_reused, "n_reused": n_reused,
+            "per_process": [by_process.get(index, 0) for index in range(max(by_process, default=-1) + 1)]}  # fmt: skip

@@ -34,7 +34,7 @@ class RowProgress:
             rate = done / max(self.logged - self.started, 1e-9)
             share = f"{int(done):,}" + (f"/{self.total:,}" if self.total else "")
             left = f", about {(self.total - done) / rate / 60:.0f} min left" if self.total and rate > 0 else ""
-            sys.stderr.write(f"predict: {share} rows, {rate:,.1f} rows/s{left}\n")
+            sys.stderr.write(f"predict progress: {share} rows, {rate:,.1f} rows/s{left}\n")
             sys.stderr.flush()
 
     def close(self) -> None:
