@@ -512,6 +512,60 @@ def predict_output_is_a_folder(w):
     return ["predict", str(w.run), str(inputs), "--output", str(w.tmp / "a_folder")], ["a_folder", "is a folder"]
 
 
+@case
+def predict_unreadable_parquet(w):
+    inputs = w.write("notes.parquet", b"PAR1" + NOISE)
+    return ["predict", str(w.run), str(inputs)], ["notes.parquet", "not a readable Parquet file"]
+
+
+@case
+def predict_parquet_without_the_text_column(w):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inputs = w.tmp / "notes.parquet"
+    pq.write_table(pa.table({"id": ["a"], "note": ["Chest pain."]}), inputs)
+    return ["predict", str(w.run), str(inputs)], ["notes.parquet", "no column 'text' (columns: id, note)", "--text"]
+
+
+@case
+def predict_csv_without_the_text_column(w):
+    inputs = write_csv(w.tmp / "notes.csv", [{"id": "a", "note": "Chest pain."}])
+    return ["predict", str(w.run), str(inputs)], ["notes.csv", "no column 'text'"]
+
+
+@case
+def predict_resume_without_output(w):
+    inputs = w.write("in.txt", "Chest pain.\n")
+    return ["predict", str(w.run), str(inputs), "--resume"], ["--resume needs --output"]
+
+
+@case
+def predict_resume_with_another_input(w):
+    inputs = w.write("in.txt", "Chest pain.\n")
+    state = {"version": 1, "input": {"path": "/elsewhere/notes.jsonl", "size": 1, "mtime_ns": 1}}
+    w.write("out.jsonl.parts/state.json", json.dumps(state))
+    return ["predict", str(w.run), str(inputs), "--output", str(w.tmp / "out.jsonl"), "--resume"], [
+        'were made otherwise (input.path: "/elsewhere/notes.jsonl" then',
+        "delete the folder",
+    ]
+
+
+@case
+def predict_parts_left_without_resume(w):
+    inputs = w.write("in.txt", "Chest pain.\n")
+    w.write("out.jsonl.parts/state.json", "{}")
+    return ["predict", str(w.run), str(inputs), "--output", str(w.tmp / "out.jsonl")], [
+        "out.jsonl.parts",
+        "continue it with --resume",
+    ]
+
+
+@case
+def predict_merge_without_parts(w):
+    return ["predict", "--merge", str(w.tmp / "out.jsonl")], ["out.jsonl.parts", "nothing to merge"]
+
+
 # evaluate, export, recipes, output folders --------------------------------------------------------------------
 @case
 def evaluate_unknown_split(w):

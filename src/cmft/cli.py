@@ -127,9 +127,17 @@ def evaluate(
 
 @app.command()
 def predict(
-    source: Annotated[Path, typer.Argument(help="A fine-tuning run folder or an export folder.")],
-    input: Annotated[Path, typer.Argument(help="Input texts: .jsonl with a `text` field (and `id`), or one per line.")],
-    output: Annotated[Path | None, typer.Option(help="Output JSONL (default: stdout).")] = None,
+    source: Annotated[Path | None, typer.Argument(help="A fine-tuning run folder or an export folder.")] = None,
+    input: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Input texts: .jsonl (`text`, optional `id`), .csv/.tsv or .parquet (columns `text`, "
+            "`id`), or a text file, one text per line."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Output file: JSON lines, or Parquet if it ends in .parquet (default: stdout).")
+    ] = None,
     onnx: Annotated[
         bool, typer.Option("--onnx", help="Run the ONNX export (a run folder: export/<run name>).")
     ] = False,
@@ -137,7 +145,10 @@ def predict(
     corpus: Annotated[Path | None, typer.Option(help="Retrieval: search this corpus (jsonl or text lines).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Retrieval: hits per query with --corpus.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per batch (length-sorted).")] = 16,
-    text_field: Annotated[str, typer.Option("--text-field", help="The jsonl field holding the text.")] = "text",
+    buffer_rows: Annotated[
+        int, typer.Option("--buffer-rows", help="Input rows read, sorted and written at a time (and per part file).")
+    ] = 10_000,
+    text_field: Annotated[str, typer.Option("--text-field", help="The field or column holding the text.")] = "text",
     evidence: Annotated[
         bool, typer.Option("--evidence", help="ICD coding: each code's evidence spans (character offsets).")
     ] = False,
@@ -146,18 +157,40 @@ def predict(
         str | None,
         typer.Option("--evidence-method", help="With --evidence: attention (default) or attention_x_gradient (torch)."),
     ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="With --output: continue a killed run from its finished parts.")
+    ] = False,
+    merge: Annotated[
+        Path | None, typer.Option("--merge", help="Only assemble this output from its finished parts (OUT.parts/).")
+    ] = None,
 ) -> None:
-    """Batch inference to JSONL: labels with scores, entities with character offsets, ICD codes with
+    """Batch inference to JSON lines or Parquet: labels with scores, entities with character offsets, ICD codes with
     probabilities (and, with --evidence, the spans of the note their label attention weighs most), embeddings or
-    top-k hits."""
+    top-k hits. Streams inputs of any size; resumable with --output; runs sharded under torchrun."""
+    if merge is not None:
+        if source is not None or input is not None:
+            raise CmftError("--merge OUT takes no SOURCE or INPUT: it assembles OUT from OUT.parts/")
+        from cmft.predict import merge as run_merge
+
+        summary = run_merge(merge)
+        typer.echo(f"predict: merged {summary['n_inputs']} texts → {merge}", err=True)
+        return
+    if source is None or input is None:
+        raise CmftError("cmft predict needs SOURCE and INPUT (or --merge OUT); see cmft predict --help")
     from cmft.predict import predict as run_predict
 
     summary = run_predict(source, input, output, onnx=onnx, batch_size=batch_size, corpus=corpus, top_k=top_k,
                           int8=int8, text_field=text_field, evidence=evidence, evidence_k=evidence_k,
-                          evidence_method=evidence_method)  # fmt: skip
-    notes = [f"{summary['n_inputs']} texts", f"{summary['backend']} ({summary['provider']})"]
-    for key, label in (("n_truncated", "truncated to the model's limit"), ("n_windowed", "split into windows"),
-                       ("n_empty_skipped", "empty, skipped")):  # fmt: skip
+                          evidence_method=evidence_method, buffer_rows=buffer_rows, resume=resume)  # fmt: skip
+    if not is_main():
+        return
+    notes = [f"{summary['n_inputs']} texts in {summary['seconds']:.1f} s ({summary['rows_per_s']:.1f} texts/s)",
+             f"{summary['backend']} ({summary['provider']})"]  # fmt: skip
+    if summary["processes"] > 1:
+        shares = " + ".join(str(n) for n in summary.get("per_process", []))
+        notes.append(f"{summary['processes']} processes" + (f" ({shares} texts)" if shares else ""))
+    for key, label in (("n_reused", "from earlier parts"), ("n_truncated", "truncated to the model's limit"),
+                       ("n_windowed", "split into windows"), ("n_empty_skipped", "empty, skipped")):  # fmt: skip
         if summary.get(key):
             notes.append(f"{summary[key]} {label}")
     typer.echo("predict: " + ", ".join(notes) + (f" → {output}" if output else ""), err=True)

@@ -37,6 +37,18 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """This process's number on its machine: the GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def threads_per_process() -> int:
+    """This machine's cores (those the process may run on: a Slurm allocation) shared out among torchrun's
+    processes on it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size())
+
+
 def is_main() -> bool:
     """The process that writes run folders, logs and the final model."""
     return rank() == 0
@@ -56,7 +68,7 @@ def start() -> None:
     if dist.is_initialized():
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
         dist.init_process_group(backend="nccl", timeout=TIMEOUT)
     else:
         dist.init_process_group(backend="gloo", timeout=TIMEOUT)
@@ -104,6 +116,16 @@ def barrier() -> None:
 
         start()
         dist.barrier(group=_cpu_group())
+
+
+def wait_for_all(timeout: timedelta) -> None:
+    """A barrier for processes that may reach it hours apart (each inferring its own share of a long job); after
+    `timeout` it fails naming the processes that never came."""
+    if launched():
+        import torch.distributed as dist
+
+        start()
+        dist.monitored_barrier(group=_cpu_group(), timeout=timeout, wait_all_ranks=True)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from cmft.tasks.base import Unit
 
 MANIFEST = "cmft_export.json"
 Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Progress = Callable[[int, int], None]  # told (units done, units in all) after every batch
 
 
 @dataclass
@@ -101,8 +102,10 @@ def load_export(export_dir: str | Path) -> Loaded:
     return Loaded(task_class(meta["task"]), tokenizer, meta)
 
 
-def open_source(source: str | Path, onnx: bool, int8: bool = False) -> tuple[Loaded, Backend]:
-    """A run folder (torch) or an export folder (onnxruntime); a run folder with --onnx uses export/<run name>."""
+def open_source(source: str | Path, onnx: bool, int8: bool = False, threads: int | None = None,
+                device_id: int | None = None) -> tuple[Loaded, Backend]:  # fmt: skip
+    """A run folder (torch) or an export folder (onnxruntime); a run folder with --onnx uses export/<run name>.
+    `threads` and `device_id` (the GPU) are onnxruntime's; torch takes the process's thread count and current GPU."""
     source = Path(source)
     kind = run_kind(source)
     if kind != "export" and not onnx:
@@ -116,7 +119,7 @@ def open_source(source: str | Path, onnx: bool, int8: bool = False) -> tuple[Loa
         raise CmftError(f"{source}: no ONNX export at {export_dir}; run `cmft export {source} --onnx` first")
     loaded = load_export(export_dir)
     name = "model.int8.onnx" if int8 else "model.onnx"
-    return loaded, OnnxBackend(export_dir / name)
+    return loaded, OnnxBackend(export_dir / name, threads, device_id)
 
 
 # back ends ----------------------------------------------------------------------------------------------------
@@ -174,20 +177,24 @@ class TorchBackend:
         return tuple(part.float().cpu().numpy() for part in (output if isinstance(output, tuple) else (output,)))
 
 
-def onnx_providers() -> list[str]:
-    """CUDAExecutionProvider first when onnxruntime-gpu sees a GPU, else CPU."""
+def onnx_providers(device_id: int | None = None) -> list[Any]:
+    """CUDAExecutionProvider first when onnxruntime-gpu sees a GPU (GPU `device_id` when given), else CPU."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    providers: list[Any] = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if device_id is not None and providers[0] == "CUDAExecutionProvider":
+        providers[0] = ("CUDAExecutionProvider", {"device_id": device_id})
+    return providers
 
 
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, device_id: int | None = None):
         import onnxruntime as ort
 
+        self.path = path
         if not path.is_file():
             raise CmftError(f"{path}: file not found; run `cmft export RUN_DIR --onnx` first")
         options = ort.SessionOptions()
@@ -195,7 +202,7 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers())
+            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device_id))
         except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, …) for a bad file
             raise CmftError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); export it again") from None
         self.provider = self.session.get_providers()[0]
@@ -210,21 +217,26 @@ class OnnxBackend:
 
 
 # running ------------------------------------------------------------------------------------------------------
-def run_units(loaded: Loaded, backend: Backend, units: list[Unit], batch_size: int, progress: bool = False,
-              pad_id: int | None = None) -> list[np.ndarray]:  # fmt: skip
-    """Outputs per unit, computed in length-sorted batches (little padding) and returned in unit order."""
+def run_units(loaded: Loaded, backend: Backend, units: list[Unit], batch_size: int,
+              progress: bool | Progress = False, pad_id: int | None = None) -> list[np.ndarray]:  # fmt: skip
+    """Outputs per unit, computed in length-sorted batches (little padding) and returned in unit order. `progress`:
+    True for a bar on a terminal, or a function told how far it got after every batch."""
     pad_id = loaded.pad_id if pad_id is None else pad_id
     order = sorted(range(len(units)), key=lambda i: units[i].length)
     outputs: list[Any] = [None] * len(units)
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    bar = _progress(len(batches)) if progress else None
+    bar = _progress(len(batches)) if progress is True else None
+    done = 0
     for batch in batches:
         ids, mask = loaded.task.collate([units[i] for i in batch], pad_id, loaded.meta)
         result = backend(ids, mask)
         for row, index in enumerate(batch):
             outputs[index] = result[row]
+        done += len(batch)
         if bar is not None:
             bar[0].advance(bar[1])
+        elif callable(progress):
+            progress(done, len(units))
     if bar is not None:
         bar[0].stop()
     return outputs
@@ -244,7 +256,7 @@ def _progress(total: int):
 
 
 def predict_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: int = 16,
-                  progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+                  progress: bool | Progress = False) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
     """One prediction per text, and the counts of truncated / windowed texts."""
     units, counts = loaded.task.encode(loaded.tokenizer, texts, loaded.meta)
     outputs = run_units(loaded, backend, units, batch_size, progress) if units else []
@@ -258,12 +270,12 @@ def predict_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size
     return results, counts
 
 
-def embed_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: int
-                ) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
+def embed_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: int,
+                progress: bool | Progress = False) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
     """[texts, dim] float32 outputs of a bi-encoder, kept as arrays (no JSON rounding) for ranking, and the
     truncation counts."""
     units, counts = loaded.task.encode(loaded.tokenizer, texts, loaded.meta)
-    return np.stack(run_units(loaded, backend, units, batch_size)).astype(np.float32), counts
+    return np.stack(run_units(loaded, backend, units, batch_size, progress)).astype(np.float32), counts
 
 
 def embed_corpus(loaded: Loaded, backend: Backend, corpus_path: Path, batch_size: int
