@@ -29,5 +29,7 @@ METRICS_NOTE = (
     "{n_labels} codes trained as labels (the label space); the `_all_codes` figures count every gold code of the "
     "split, a code the model cannot output being a miss, and `label_space_coverage` is the share of the split's gold "
     "codes the model can output (zero-shot codes included, when it has them). `micro_f1_category` compares "
-    "3-character categories (E11.65 for E11.9 is right)."
+    "3-character categories (E11.65 for E11.9 is right). Evidence (`cmft predict --evidence`): on the shipped "
+    "recipe's model (cmft's tiny encoder, 80 CodiEsp test notes), masking a code's 3 attention spans took 0.61 of its "
+    "probability on average, random spans of the same length 0.08 (cmft's benchmarks/README.md)."
 )
