@@ -25,7 +25,7 @@ class ClassificationTask(Task):
     auto_class = AutoModelForSequenceClassification
     description = "Assigns each note (or note section) one class."
     card_decode = "label = model.config.id2label[int(logits.argmax(-1)[0])]"
-    learning_rates = {"tiny": {"full": 2e-4, "lora": 1e-3}, "pretrained": {"full": 2e-4, "lora": 1e-3}}
+    learning_rates = {"tiny": {"full": 4e-4, "lora": 1e-3}, "pretrained": {"full": 2e-4, "lora": 1e-3}}
 
     def __init__(self, recipe: Any = None):
         super().__init__(recipe)
