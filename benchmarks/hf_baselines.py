@@ -230,8 +230,8 @@ def retrieval(encoder: str, out: Path, epochs: float, max_length: int, seed: int
     )
 
     from cmft.data.retrieval import read_retrieval_split
-    from cmft.finetuning.config import DataConfig, RetrievalConfig
-    from cmft.tasks.retrieval import evaluate_split
+    from cmft.finetuning.config import DataConfig
+    from cmft.tasks.retrieval import RetrievalConfig, evaluate_split
 
     set_seed(seed)  # before the model, as the example scripts do: the new head's weights follow the seed
     model = SentenceTransformer(encoder, device="cuda" if torch.cuda.is_available() else "cpu")

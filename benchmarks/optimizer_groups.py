@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from provenance import provenance, write_results  # noqa: E402
 
 from cmft.finetuning.run import finetune  # noqa: E402
-from cmft.finetuning.trainer import FinetuneTrainer  # noqa: E402
 from cmft.tasks import task_class  # noqa: E402
+from cmft.training import FinetuneTrainer  # noqa: E402
 
 
 def _hand_built_adamw(self, model=None):

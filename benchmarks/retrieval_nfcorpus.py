@@ -26,10 +26,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cmft.data.retrieval import read_retrieval_split  # noqa: E402
 from cmft.evaluation import evaluate, evaluate_run  # noqa: E402
-from cmft.finetuning.config import DataConfig, RecipeConfig, RetrievalConfig  # noqa: E402
+from cmft.finetuning.config import DataConfig, RecipeConfig  # noqa: E402
 from cmft.finetuning.run import finetune  # noqa: E402
 from cmft.inference import TorchBackend  # noqa: E402
 from cmft.tasks import get_task  # noqa: E402
+from cmft.tasks.retrieval import RetrievalConfig  # noqa: E402
 
 
 def zero_shot(encoder: str, splits: dict, max_length: int) -> dict[str, float]:

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cmft.finetuning.trainer import token_count  # noqa: F401 (Unit.length imports it: here, not in a timed wait)
 from cmft.inference import Loaded
 from cmft.serving.batcher import Batcher, Job, Limits, Stopped
 from cmft.tasks.base import Unit, pad_rows

@@ -164,7 +164,7 @@ def test_watchdog_stops_a_diverging_run_and_keeps_the_last_good_checkpoint(fault
                                                                             monkeypatch, capsys):  # fmt: skip
     """The loss turns NaN (or 1000× larger) from step 7: the run stops there with one line, exit 1, and keeps
     checkpoint-6 (written before the fault) for `--resume`; the folder stays unfinished."""
-    from cmft.finetuning.trainer import FinetuneTrainer
+    from cmft.training import FinetuneTrainer
     from tests.conftest import run_inline
 
     original = FinetuneTrainer.compute_loss

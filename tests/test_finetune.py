@@ -15,12 +15,13 @@ import torch
 import yaml
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from cmft.backends import token_count
 from cmft.evaluation import evaluate_run
 from cmft.finetuning.run import finetune
-from cmft.finetuning.trainer import FinetuneTrainer, token_count
 from cmft.finetuning.validate import validate_recipe
 from cmft.paths import bundled_configs
 from cmft.tasks.icd_coding import IcdCoder, collate_notes, encode_note, normalize_code
+from cmft.training import FinetuneTrainer
 from tests.cards import check_card
 from tests.conftest import run_cmft
 

@@ -209,7 +209,7 @@ def test_lora_adapter_gets_the_zero_shot_rows(tiny_encoder, tmp_path):
     from peft import PeftModel
 
     from cmft.finetuning.config import TuningConfig
-    from cmft.finetuning.lora import refresh_adapter, wrap_lora
+    from cmft.lora import refresh_adapter, wrap_lora
     from cmft.tasks.icd_batches import collate_notes
     from cmft.tasks.icd_coding import encode_note
     from cmft.tasks.icd_zero_shot import _append_rows

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from cmft.finetuning.trainer import FinetuneTrainer
+from cmft.training import FinetuneTrainer
 
 
 class Tagger(nn.Module):

@@ -19,11 +19,12 @@ from cmft import memory
 from cmft.data.retrieval import read_retrieval_split
 from cmft.errors import CmftError
 from cmft.evaluation import evaluate, evaluate_run
-from cmft.finetuning.config import DataConfig, RecipeConfig, RetrievalConfig
+from cmft.finetuning.config import DataConfig, RecipeConfig
 from cmft.finetuning.run import finetune
 from cmft.inference import TorchBackend
 from cmft.metrics import retrieval_metrics
 from cmft.tasks import get_task
+from cmft.tasks.retrieval import RetrievalConfig
 from tests.cards import check_card
 from tests.conftest import REPO, run_cmft
 
@@ -301,7 +302,7 @@ def test_grouped_sampler_covers_every_row_without_duplicates_and_cuts_padding():
 
     from datasets import Dataset
 
-    from cmft.finetuning.retrieval_sampler import GroupedNoDuplicatesBatchSampler
+    from cmft.tasks.retrieval_sampler import GroupedNoDuplicatesBatchSampler
 
     with open(MTS / "train.csv", encoding="utf-8", newline="") as handle:
         records = list(csv.DictReader(handle))

@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from cmft.config import read_yaml
-from cmft.finetuning.rates import GEOMETRY
+from cmft.modeling import GEOMETRY
 from cmft.tasks import BARE_ENCODER, task_class
-from cmft.tasks.base import CARD_EXAMPLE
+from cmft.tasks.base import CARD_EXAMPLE, Task
 
 CARD = "README.md"
 
@@ -66,7 +66,7 @@ the same care as the training data."""
 class RunFacts:
     """What a card says about a run, read from its folder."""
 
-    task: type
+    task: type[Task]
     recipe: dict[str, Any]
     metrics: dict[str, Any]
     adapter_base: str | None = None  # a LoRA run: the base encoder the adapter in ../adapter sits on
@@ -117,7 +117,7 @@ def write_export_card(folder: Path, run_dir: Path, meta: dict[str, Any], parity:
     return path
 
 
-def onnx_usage(task: type, meta: dict[str, Any]) -> str:
+def onnx_usage(task: type[Task], meta: dict[str, Any]) -> str:
     return f"""import json
 
 import numpy as np
@@ -135,7 +135,7 @@ ids = tokenizer.encode("{CARD_EXAMPLE}").ids
 # rendering ------------------------------------------------------------------------------------------------------
 def render(facts: RunFacts, meta: dict[str, Any], usage: list[tuple[str, str]], export: dict | None) -> str:
     task, recipe = facts.task, facts.recipe
-    pretraining = task.name == BARE_ENCODER
+    pretraining = not task.predicts  # a bare encoder: a `cmft pretrain` run's
     sources = pretrain_sources(recipe) if pretraining else recipe_sources(recipe)
     title = f"cmft {'pretrained encoder' if pretraining else task.name.replace('_', ' ') + ' model'}"
     front = front_matter(facts, meta, sources, title, export is not None)
@@ -199,7 +199,7 @@ def front_matter(facts: RunFacts, meta: dict, sources: list, title: str, export:
 def description(facts: RunFacts, meta: dict[str, Any]) -> str:
     task, recipe = facts.task, facts.recipe
     lines = [task.description]
-    if task.name == BARE_ENCODER:
+    if not task.predicts:
         architecture = (recipe.get("model") or {}).get("architecture") or {}
         shape = ", ".join(f"{key} {architecture[key]}" for key in GEOMETRY if key in architecture)
         vocabulary = (recipe.get("tokenizer") or {}).get("vocab_size")
@@ -299,7 +299,7 @@ def evaluation(metrics: dict[str, Any], note: str = "") -> str:
     return "\n".join(text)
 
 
-def export_section(task: type, meta: dict[str, Any], parity: dict[str, Any]) -> str:
+def export_section(task: type[Task], meta: dict[str, Any], parity: dict[str, Any]) -> str:
     int8 = parity.get("int8")
     lines = [
         "Made by `cmft export` with `torch.onnx.export`. Files: `model.onnx`"

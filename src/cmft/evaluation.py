@@ -1,6 +1,6 @@
-"""The one evaluation loop: a task's prepared split through any back end (torch or onnxruntime, fp32 or int8).
-Training's final metrics, `cmft evaluate`, the export's int8 check, retrieval's dev evaluation and the benchmarks all
-run here, so their figures agree."""
+"""Evaluating saved models: `cmft evaluate` and the export's int8 check run a run's split through any back end (torch
+or onnxruntime, fp32 or int8) with the one evaluation loop every figure comes from (`Task.evaluate`: training's final
+metrics, retrieval's dev evaluation and the benchmarks too), so their figures agree."""
 
 from __future__ import annotations
 
@@ -9,22 +9,23 @@ from typing import Any
 
 import numpy as np
 
+from cmft.backends import Backend, TorchBackend
 from cmft.errors import CmftError
-from cmft.inference import Backend, Loaded, TorchBackend, load_run, run_kind, run_units
+from cmft.inference import Loaded, load_run, run_kind
 from cmft.tasks import get_task
-from cmft.tasks.base import Unit
+from cmft.tasks.base import Task
 
 
-def split_outputs(task: Any, backend: Backend, split: str, batch_size: int, pad_id: int) -> list[np.ndarray]:
-    """The back end's output for every prepared row of `split`, in row order."""
-    units = [Unit(index, row["input_ids"]) for index, row in enumerate(task.datasets[split])]
-    return run_units(Loaded(type(task), None, task.meta()), backend, units, batch_size, pad_id=pad_id)
+def split_outputs(task: Task, backend: Backend, split: str, batch_size: int, pad_id: int) -> list[np.ndarray]:
+    """The back end's output for every prepared row of `split`, in row order (`Task.split_outputs`)."""
+    return task.split_outputs(backend, split, batch_size, pad_id)
 
 
-def evaluate(task: Any, backend: Backend, split: str, batch_size: int, pad_id: int, tune: bool = False
+def evaluate(task: Task, backend: Backend, split: str, batch_size: int, pad_id: int, tune: bool = False
              ) -> dict[str, Any]:  # fmt: skip
-    """The task's metrics on a prepared split (`tune`: choose settings on it, e.g. the ICD threshold on dev)."""
-    return task.score(split_outputs(task, backend, split, batch_size, pad_id), split, tune)
+    """The task's metrics on a prepared split (`Task.evaluate`; `tune`: choose settings on it, e.g. the ICD
+    threshold on dev)."""
+    return task.evaluate(backend, split, batch_size, pad_id, tune)
 
 
 def evaluate_loaded(loaded: Loaded, backend: Backend, split: str = "dev", batch_size: int = 16) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def evaluate_loaded(loaded: Loaded, backend: Backend, split: str = "dev", batch_
     task = get_task(loaded.recipe)
     task.restore(loaded.meta)
     task.prepare(loaded.tokenizer, splits=(split,))
-    metrics = evaluate(task, backend, split, batch_size, loaded.pad_id)
+    metrics = task.evaluate(backend, split, batch_size, loaded.pad_id)
     return {**metrics, "split": split, **task.counts(split)}
 
 

@@ -9,8 +9,9 @@ model that `cmft predict` runs on CPU (fp32, banded attention for ModernBERT, sd
 never flash-attention), named in parity.json's `reference`, on every output of the graph (an ICD model with label
 attention has two: `probabilities`, then `label_attention`, which `cmft predict --evidence` reads; parity.json's
 `per_output`). The folder holds model.onnx
-(+ model.int8.onnx), the tokenizer, cmft_export.json (task, labels, ICD threshold, pooling, max_length), README.md (the
-model card, cmft.cards) and parity.json.
+(+ model.int8.onnx), the tokenizer, cmft_export.json (the run's manifest, model/cmft_task.json: task, labels, ICD
+threshold, pooling, max_length; plus the graph's outputs and opset), README.md (the model card, cmft.cards) and
+parity.json.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
+from cmft.backends import OnnxBackend, TorchBackend
 from cmft.cards import write_export_card
 from cmft.config import StrictModel, load_config
 from cmft.errors import CmftError
-from cmft.inference import MANIFEST, Loaded, OnnxBackend, TorchBackend, load_run
+from cmft.inference import MANIFEST, Loaded, load_run
 from cmft.onnx_forms import export_forms
 from cmft.paths import bundled_file
 

@@ -1,4 +1,5 @@
-"""Task heads that transformers lacks: label-wise attention (LAAT) and mean pooling over tokens."""
+"""Task heads that transformers lacks: label-wise attention (LAAT) and mean pooling over tokens (`mean_pool`, the one
+masked mean of cmft: the pooled ICD head, the retrieval embedding, ICD description queries)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ class LabelAttentionHead(nn.Module):
         return (label_states * self.output_weight.float()).sum(-1) + self.output_bias.float(), weights
 
 
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H] fp32 mean of the real tokens' states (`mask` [B, T]: 1 on real tokens); 0 for a row without any."""
+    weights = mask[..., None].float()
+    return (states.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 class PooledHead(nn.Module):
     """Mean of the real tokens' states, then one linear layer: the simple baseline head."""
 
@@ -51,6 +58,4 @@ class PooledHead(nn.Module):
         return self.linear.bias
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weights = mask.float()[..., None]
-        pooled = (states.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.linear(pooled.to(self.linear.weight.dtype)).float()
+        return self.linear(mean_pool(states, mask).to(self.linear.weight.dtype)).float()

@@ -1,41 +1,52 @@
-"""Loading runs and exports, and the inference back ends shared by predict, evaluate, export and the benchmarks: a
-back end maps a padded batch (input_ids, attention_mask) to the task's output in torch or onnxruntime, so the two
-share everything but the forward pass and their predictions can be compared."""
+"""Loading runs and exports for predict, evaluate, export, serve and the benchmarks, and running texts through them.
+
+A model folder says what it is in its manifest (model/cmft_task.json, cmft.tasks.base.TASK_MANIFEST; an export
+folder's cmft_export.json): task, labels, max_length and decoding settings. Run folders saved before the manifest
+existed are read through their recipe.yaml. The back ends (torch, onnxruntime) and the batching loop are
+cmft.backends'; they are importable from here too."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from cmft.backends import Backend, OnnxBackend, Progress, TorchBackend, Unit, per_text, run_batches
 from cmft.config import read_yaml
 from cmft.errors import CmftError
 from cmft.tasks import BARE_ENCODER, task_class
-from cmft.tasks.base import Unit
+from cmft.tasks.base import Task, read_manifest
 
+__all__ = ["MANIFEST", "Backend", "Loaded", "OnnxBackend", "TorchBackend", "embed_corpus", "embed_texts",
+           "load_export", "load_run", "open_source", "predict_texts", "run_kind", "run_units", "search",
+           "top_hits"]  # fmt: skip
 MANIFEST = "cmft_export.json"
-Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]
-Progress = Callable[[int, int], None]  # told (units done, units in all) after every batch
 
 
 @dataclass
 class Loaded:
-    task: type  # the task class: encoding, collating and decoding for this model
+    task: type[Task]  # the task class: encoding, collating and decoding for this model
     tokenizer: Any
     meta: dict[str, Any]  # the manifest: labels, threshold, max_length, ...: everything decoding needs
     module: nn.Module | None = None
-    recipe: Any = None
     run_dir: Path | None = None
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @cached_property
+    def recipe(self) -> Any:
+        """The run's recipe (a RecipeConfig), read on first use: only evaluation needs it (its data and settings),
+        never inference. None for an export or a pretraining run."""
+        if self.run_dir is None or run_kind(self.run_dir) != "finetune":
+            return None
+        return run_recipe(self.run_dir)
 
 
 # loading ------------------------------------------------------------------------------------------------------
@@ -47,9 +58,31 @@ def run_kind(run_dir: Path) -> str:
         raise CmftError(f"{run_dir}: no such run or export folder")
     if not (run_dir / "model" / "config.json").is_file():
         raise CmftError(f"{run_dir}: no model/ with config.json here; pass a finished run folder (runs/…) or export")
+    meta = read_manifest(run_dir / "model")
+    if meta is not None:  # a bare encoder predicts nothing: a pretraining run's
+        return "finetune" if task_class(meta["task"]).predicts else "pretrain"
     if (run_dir / "recipe.yaml").is_file() and "task" in (read_yaml(run_dir / "recipe.yaml") or {}):
         return "finetune"
     return "pretrain"
+
+
+def run_recipe(run_dir: Path) -> Any:
+    """A fine-tuning run's recipe.yaml, validated (a RecipeConfig)."""
+    from cmft.config import build_config
+    from cmft.finetuning.config import RecipeConfig
+
+    return build_config(RecipeConfig, read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
+
+
+def run_manifest(run_dir: Path) -> dict[str, Any]:
+    """model/'s manifest; for a folder saved before manifests, the one its recipe.yaml gives (as then)."""
+    meta = read_manifest(run_dir / "model")
+    if meta is not None:
+        return meta
+    if run_kind(run_dir) == "finetune":
+        recipe = run_recipe(run_dir)
+        return task_class(recipe.task).manifest_from_recipe(run_dir / "model", recipe)
+    return task_class(BARE_ENCODER).manifest_from_recipe(run_dir / "model", None)
 
 
 def load_run(run_dir: str | Path, attention: str | None = None, parity: bool = False) -> Loaded:
@@ -70,19 +103,13 @@ def load_run(run_dir: str | Path, attention: str | None = None, parity: bool = F
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise CmftError(f"{model_dir}: the tokenizer does not load ({type(exc).__name__})") from None
-    recipe = None
-    if kind == "finetune":
-        from cmft.config import build_config
-        from cmft.finetuning.config import RecipeConfig
-
-        recipe = build_config(RecipeConfig, read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
-    task = task_class(recipe.task if recipe is not None else BARE_ENCODER)
+    meta = run_manifest(run_dir)
+    task = task_class(meta["task"])
     if attention is None:
         from cmft.modeling import choose_inference, model_type_of
 
         attention = choose_inference(model_type_of(str(model_dir)), parity).implementation
-    module, meta = task.load_inference(model_dir, recipe, attention)
-    return Loaded(task, tokenizer, meta, module, recipe=recipe, run_dir=run_dir)
+    return Loaded(task, tokenizer, meta, task.load_inference(model_dir, meta, attention), run_dir=run_dir)
 
 
 def load_export(export_dir: str | Path) -> Loaded:
@@ -122,137 +149,16 @@ def open_source(source: str | Path, onnx: bool, int8: bool = False, threads: int
     return loaded, OnnxBackend(export_dir / name, threads, device_id)
 
 
-# back ends ----------------------------------------------------------------------------------------------------
-def attention_of(module: nn.Module) -> str | None:
-    """The attention implementation of the (first) transformers model inside `module`, wrappers included."""
-    for part in module.modules():
-        implementation = getattr(getattr(part, "config", None), "_attn_implementation", None)
-        if isinstance(implementation, str):
-            return implementation
-    return None
-
-
-class TorchBackend:
-    """Runs a module on the GPU when there is one, in the dtype its attention works in (cmft.modeling
-    .inference_dtype): fp32, or bf16/fp16 autocast under flash-attention 2, which has no fp32 kernels. Autocast, not
-    a cast of the weights: a fine-tuning run's final metrics use the in-memory model that is saved afterwards in
-    fp32, and bf16 autocast is how the Trainer evaluated it on dev while choosing the checkpoint."""
-
-    name = "torch"
-    provider = "torch-cpu"
-
-    def __init__(self, module: nn.Module, dtype: Any = None):
-        import torch
-
-        from cmft.modeling import inference_dtype
-
-        self.module = module
-        self.torch = torch
-        self.attention = attention_of(module)
-        self.dtype = inference_dtype(self.attention) if dtype is None else dtype
-        if self.attention == "flash_attention_2" and self.dtype == torch.float32:
-            raise CmftError("flash_attention_2 has no fp32 kernels: run it in bf16 or fp16 (or load the model with "
-                            "banded or sdpa attention)")  # fmt: skip
-        if torch.cuda.is_available():
-            self.module = module.cuda()
-            self.provider = "torch-cuda"
-
-    def ran(self) -> dict[str, str]:
-        """What the forward pass ran, for metrics.json: the attention implementation and the dtype."""
-        from cmft.modeling import DTYPE_NAMES
-
-        dtype = DTYPE_NAMES.get(self.dtype, str(self.dtype))
-        return {"inference_attention": self.attention or "unknown", "inference_dtype": dtype}
-
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.outputs(input_ids, attention_mask)[0]
-
-    def outputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Every output of the module (one tensor or a tuple), as fp32 arrays."""
-        torch = self.torch
-        device = next(self.module.parameters()).device
-        half = torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-        with torch.inference_mode(), half:
-            output = self.module(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device))
-        return tuple(part.float().cpu().numpy() for part in (output if isinstance(output, tuple) else (output,)))
-
-
-def onnx_providers(device_id: int | None = None) -> list[Any]:
-    """CUDAExecutionProvider first when onnxruntime-gpu sees a GPU (GPU `device_id` when given), else CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    providers: list[Any] = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    if device_id is not None and providers[0] == "CUDAExecutionProvider":
-        providers[0] = ("CUDAExecutionProvider", {"device_id": device_id})
-    return providers
-
-
-class OnnxBackend:
-    name = "onnx"
-
-    def __init__(self, path: Path, threads: int | None = None, device_id: int | None = None):
-        import onnxruntime as ort
-
-        self.path = path
-        if not path.is_file():
-            raise CmftError(f"{path}: file not found; run `cmft export RUN_DIR --onnx` first")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device_id))
-        except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, …) for a bad file
-            raise CmftError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); export it again") from None
-        self.provider = self.session.get_providers()[0]
-        self.output_names = [output.name for output in self.session.get_outputs()]
-
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """The task's output only: a further output (ICD label attention) is not copied out unless asked for."""
-        return self.session.run(self.output_names[:1], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
-
-    def outputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask}))
-
-
 # running ------------------------------------------------------------------------------------------------------
 def run_units(loaded: Loaded, backend: Backend, units: list[Unit], batch_size: int,
-              progress: bool | Progress = False, pad_id: int | None = None) -> list[np.ndarray]:  # fmt: skip
-    """Outputs per unit, computed in length-sorted batches (little padding) and returned in unit order. `progress`:
-    True for a bar on a terminal, or a function told how far it got after every batch."""
+              progress: bool | Progress = False, pad_id: int | None = None) -> list[Any]:  # fmt: skip
+    """Outputs per unit of a loaded model (cmft.backends.run_batches with its task's padding), in unit order."""
     pad_id = loaded.pad_id if pad_id is None else pad_id
-    order = sorted(range(len(units)), key=lambda i: units[i].length)
-    outputs: list[Any] = [None] * len(units)
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    bar = _progress(len(batches)) if progress is True else None
-    done = 0
-    for batch in batches:
-        ids, mask = loaded.task.collate([units[i] for i in batch], pad_id, loaded.meta)
-        result = backend(ids, mask)
-        for row, index in enumerate(batch):
-            outputs[index] = result[row]
-        done += len(batch)
-        if bar is not None:
-            bar[0].advance(bar[1])
-        elif callable(progress):
-            progress(done, len(units))
-    if bar is not None:
-        bar[0].stop()
-    return outputs
 
+    def collate(batch: list[Unit]) -> tuple[np.ndarray, np.ndarray]:
+        return loaded.task.collate(batch, pad_id, loaded.meta)
 
-def _progress(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        return None
-    progress = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, transient=True)  # fmt: skip
-    progress.start()
-    return progress, progress.add_task("predict", total=total)
+    return run_batches(units, collate, backend, batch_size, progress)
 
 
 def predict_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: int = 16,
@@ -260,14 +166,8 @@ def predict_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size
     """One prediction per text, and the counts of truncated / windowed texts."""
     units, counts = loaded.task.encode(loaded.tokenizer, texts, loaded.meta)
     outputs = run_units(loaded, backend, units, batch_size, progress) if units else []
-    by_text: dict[int, list[int]] = {}
-    for k, unit in enumerate(units):
-        by_text.setdefault(unit.text, []).append(k)
-    results = []
-    for index, text in enumerate(texts):
-        keys = by_text.get(index, [])
-        results.append(loaded.task.decode(loaded.meta, text, [outputs[k] for k in keys], [units[k] for k in keys]))
-    return results, counts
+    grouped = per_text(units, outputs, len(texts))
+    return [loaded.task.decode(loaded.meta, text, *rows) for text, rows in zip(texts, grouped, strict=True)], counts
 
 
 def embed_texts(loaded: Loaded, backend: Backend, texts: list[str], batch_size: int,

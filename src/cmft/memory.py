@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cmft import distributed
+from cmft.errors import CmftError
 
 log = logging.getLogger("cmft")
 
@@ -79,3 +80,20 @@ def enable_checkpointing(model: nn.Module) -> int:
             module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             switched += 1
     return switched
+
+
+def set_checkpointing(setting: bool | str, model: nn.Module, config: Any, shapes: list[tuple[int, int]],
+                      implementation: str) -> tuple[bool, str]:  # fmt: skip
+    """Resolve `training.gradient_checkpointing` (choose_checkpointing) for `model` and switch it on when chosen;
+    (on or off, why). The one toggle of pretraining and fine-tuning."""
+    chosen, why = choose_checkpointing(setting, config, shapes, implementation)
+    if chosen:
+        checkpointing_on(model, config)
+    return chosen, why
+
+
+def checkpointing_on(model: nn.Module, config: Any) -> None:
+    """enable_checkpointing, or a CmftError when the encoder (`config`) supports none."""
+    if not enable_checkpointing(model):
+        raise CmftError(f"training.gradient_checkpointing: this encoder ({config.model_type}) does not support it; "
+                        "set it to false")  # fmt: skip

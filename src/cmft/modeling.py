@@ -14,6 +14,9 @@ import torch
 
 from cmft.errors import CmftError
 
+GEOMETRY = ("hidden_size", "num_hidden_layers", "intermediate_size")
+"""The config keys that size an encoder (the model card; `learning_rate: auto` compares them)."""
+
 
 class Attention(NamedTuple):
     choice: str

@@ -1,4 +1,6 @@
-"""The training engine shared by pretraining and fine-tuning: HF Trainer plus cmft's callbacks."""
+"""The training engine shared by pretraining and fine-tuning: HF Trainer arguments, cmft's callbacks, one assembly
+of both into a trainer (`trainer_parts`, `ready`), and the fine-tuning trainer of the token and sequence tasks
+(`FinetuneTrainer`: NER, ICD coding, note classification; a task brings its pieces, `TrainingTask`)."""
 
 from __future__ import annotations
 
@@ -6,17 +8,21 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from cmft.backends import token_count
+from cmft.checkpointing import SafeTrainerMixin
 from cmft.distributed import split_batch
 from cmft.errors import CmftError
 from cmft.modeling import bf16_available
+from cmft.tracking import tracking
 
 log = logging.getLogger("cmft")
 
@@ -185,6 +191,22 @@ def quiet_trainer(trainer) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
+def trainer_parts(work: Path, checkpoints: Path, description: str, report_to: Any, **arguments: Any
+                  ) -> tuple[TrainingArguments, list[TrainerCallback]]:  # fmt: skip
+    """What every cmft trainer gets: its arguments (checkpoints in `checkpoints`, reporting to `report_to`'s trackers,
+    cmft.tracking) and its callbacks (history.jsonl in `work`, the progress bar titled `description`, the trackers)."""
+    reported, trackers = tracking(report_to, work)
+    args = training_arguments(checkpoints, report_to=reported, **arguments)
+    return args, [HistoryCallback(work / "history.jsonl"), RichProgressCallback(description), *trackers]
+
+
+def ready(trainer: Any, divergence_factor: float | None) -> Any:
+    """A built trainer made cmft's: the rich bar instead of transformers' printers, and the divergence guard."""
+    quiet_trainer(trainer)
+    trainer.setup_safety(divergence_factor)
+    return trainer
+
+
 def read_history(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -218,3 +240,84 @@ def plot_history(history: list[dict[str, Any]], path: Path, keys: tuple[str, ...
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+class TrainingTask(Protocol):
+    """What FinetuneTrainer asks of its task (cmft.tasks.base.Task)."""
+
+    def loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]: ...
+
+    def checkpoint_state(self) -> dict[str, Any]: ...
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None: ...
+
+
+class FinetuneTrainer(SafeTrainerMixin, Trainer):
+    """HF Trainer with the task's loss, a separate learning rate for the head, and tokens/s in the log."""
+
+    def __init__(self, *args, task: TrainingTask, head_modules: list[str], head_learning_rate: float | None,
+                 **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.task = task
+        self.head_modules = set(head_modules)
+        self.head_learning_rate = head_learning_rate
+        self.real_tokens = 0
+        self.window_start = time.monotonic()
+
+    def cmft_state(self) -> dict[str, Any]:
+        return {**super().cmft_state(), **self.task.checkpoint_state()}
+
+    def load_cmft_state(self, state: dict[str, Any]) -> None:
+        super().load_cmft_state(state)
+        self.task.load_checkpoint_state(state)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and "attention_mask" in inputs:
+            self.real_tokens += int(inputs["attention_mask"].sum())
+        loss, outputs = self.task.loss(model, dict(inputs))
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Trainer groups by len(input_ids); for chunked ICD notes that is the number of chunks, not of tokens, so
+        # the part-filled last chunks of a batch differ widely in length and the encoder runs over their padding.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, lengths=[token_count(f["input_ids"]) for f in dataset])
+
+    def _get_eval_sampler(self, eval_dataset):
+        # Length grouping is for training only: predictions must come back in dataset order (NER merges
+        # windows per sentence by position).
+        return torch.utils.data.SequentialSampler(eval_dataset)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's own optimizer and weight-decay grouping (no decay on biases and norms), with the head's
+        parameters in groups of their own at `head_learning_rate`."""
+        if self.optimizer is None and self.head_learning_rate is not None:
+            model = self.model if model is None else model
+            decayed = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad:
+                    in_head = bool(self.head_modules & set(name.split(".")))
+                    groups.setdefault((in_head, name in decayed), []).append(parameter)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(
+                [
+                    {
+                        "params": parameters,
+                        "lr": self.head_learning_rate if in_head else self.args.learning_rate,
+                        "weight_decay": self.args.weight_decay if decays else 0.0,
+                    }
+                    for (in_head, decays), parameters in sorted(groups.items(), key=lambda item: item[0])
+                ],
+                **optimizer_kwargs,
+            )
+        return super().create_optimizer(model)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["tokens_per_s"] = round(self.real_tokens / max(time.monotonic() - self.window_start, 1e-9), 1)
+            self.real_tokens, self.window_start = 0, time.monotonic()
+        super().log(logs, start_time)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from cmft.errors import CmftError
-from cmft.finetuning.config import DataConfig, FolderSplit
 from cmft.paths import resolve_path
+from cmft.recipe import DataConfig, FolderSplit
 
 
 @dataclass
@@ -62,6 +62,17 @@ def iter_records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
         raise CmftError(f"{path}: not a UTF-8 text file") from None
     except csv.Error as exc:
         raise CmftError(f"{path}: malformed CSV ({exc})") from None
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, read lazily and split as str.splitlines splits the whole file (\\f, \\u2028 …
+    end a line too), blank ones included: one text per line (`cmft predict`'s text input, a `--corpus` .txt)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                yield from line.splitlines()
+    except UnicodeDecodeError:
+        raise CmftError(f"{path}: not a UTF-8 text file") from None
 
 
 def _label_value(value: Any, multi_label: bool, where: str) -> Any:

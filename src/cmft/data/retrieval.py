@@ -9,13 +9,21 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from cmft.data.readers import existing, iter_records
+from cmft.data.readers import existing, iter_records, text_lines
 from cmft.errors import CmftError
-from cmft.finetuning.config import DataConfig, FolderSplit, RetrievalConfig
+from cmft.recipe import DataConfig, FolderSplit
 
 QRELS_NAMES = {"train": ("train",), "dev": ("dev", "validation", "val"), "test": ("test",)}
+
+
+class PairFields(Protocol):
+    """The columns of a pairs / triplets file (the `retrieval` recipe section, cmft.tasks.retrieval)."""
+
+    query_field: str
+    document_field: str
+    negative_field: str
 
 
 @dataclass
@@ -55,7 +63,7 @@ class RetrievalSplit:
         }
 
 
-def read_retrieval_split(data: DataConfig, name: str, settings: RetrievalConfig) -> RetrievalSplit | None:
+def read_retrieval_split(data: DataConfig, name: str, settings: PairFields) -> RetrievalSplit | None:
     """Read `data.<name>`: a BEIR folder (its qrels/<name>.tsv), a BEIR qrels file, or a pairs/triplets file."""
     source = getattr(data, name)
     if source is None:
@@ -157,7 +165,7 @@ def _text_list(value: Any, where: str, field_name: str) -> list[str]:
     return [v for v in values if v.strip()]
 
 
-def _from_pairs(path: Path, data: DataConfig, settings: RetrievalConfig, name: str) -> RetrievalSplit:
+def _from_pairs(path: Path, data: DataConfig, settings: PairFields, name: str) -> RetrievalSplit:
     """Each row: a query and its relevant document (and optional negatives). Identical texts share one id."""
     split = RetrievalSplit(name=name, source=str(path))
     query_ids: dict[str, str] = {}
@@ -200,8 +208,7 @@ def _from_pairs(path: Path, data: DataConfig, settings: RetrievalConfig, name: s
 def corpus_file_texts(path: Path) -> list[tuple[str, str]]:
     """(id, text) documents of a search corpus: BEIR-style corpus.jsonl, other jsonl (`id`, `text`), or .txt lines."""
     if path.suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [(str(n), line) for n, line in enumerate(lines, 1) if line.strip()]
+        return [(str(n), line) for n, line in enumerate(text_lines(path), 1) if line.strip()]
     documents = []
     for number, record in iter_records(path, "jsonl"):
         identifier = record.get("_id", record.get("id", number))

@@ -1,6 +1,6 @@
 """The fine-tuning engine, the same for every task (cmft.tasks supplies data, model, trainer, scoring, saving):
 encoder → task data → (LoRA) → trainer → best dev checkpoint → the task's last touches (ICD: zero-shot codes) → dev and
-test metrics (cmft.evaluation) → run folder."""
+test metrics (the tasks' one evaluation loop) → run folder: model/ with the task's manifest (cmft_task.json)."""
 
 from __future__ import annotations
 
@@ -14,30 +14,21 @@ from typing import Any
 from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
 
 from cmft import distributed
+from cmft.backends import TorchBackend
 from cmft.cards import write_model_card
 from cmft.checkpointing import resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
-from cmft.evaluation import evaluate, split_outputs
 from cmft.finetuning.config import RecipeConfig, step_schedule
-from cmft.finetuning.lora import refresh_adapter
 from cmft.finetuning.rates import resolve_learning_rate
-from cmft.inference import TorchBackend
-from cmft.memory import choose_checkpointing, enable_checkpointing
+from cmft.lora import refresh_adapter
+from cmft.memory import set_checkpointing
 from cmft.modeling import DTYPE_NAMES, check_model_source, choose_attention, choose_inference, hub_error, model_type_of
 from cmft.runs import finish_run
 from cmft.tasks import get_task
+from cmft.tasks.base import Task, write_manifest
 from cmft.tracking import trackers as check_trackers
-from cmft.tracking import tracking
-from cmft.training import (
-    HistoryCallback,
-    RichProgressCallback,
-    plot_history,
-    quiet_trainer,
-    read_history,
-    set_threads,
-    training_arguments,
-)
+from cmft.training import plot_history, read_history, ready, set_threads, trainer_parts
 
 log = logging.getLogger("cmft")
 LATEST_PRETRAIN = Path("runs/pretrain/latest/model")
@@ -71,7 +62,7 @@ def rotary_positions(config: Any) -> bool:
     return bool(getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None))
 
 
-def check_positions(recipe: RecipeConfig, encoder: str, task: Any) -> None:
+def check_positions(recipe: RecipeConfig, encoder: str, task: Task) -> None:
     """An encoder with absolute position embeddings (BERT, RoBERTa) fails deep inside the model on a sequence
     longer than its position table (an index error on CPU, a device assert on GPU): say so before anything is
     trained, with the ways out (this load also checks that the config is readable). A rotary encoder (ModernBERT)
@@ -96,7 +87,7 @@ def check_positions(recipe: RecipeConfig, encoder: str, task: Any) -> None:
     raise CmftError(f"{key} ({length}) is longer than the encoder's max_position_embeddings ({limit}); {way_out}")
 
 
-def check_encoder(recipe: RecipeConfig, encoder: str, task: Any) -> None:
+def check_encoder(recipe: RecipeConfig, encoder: str, task: Task) -> None:
     """The checks `cmft validate` and every fine-tuning run make before loading weights: a warning when remote code
     will run, the position-table length check (raises CmftError) and the learning-rate advice."""
     if recipe.model.trust_remote_code:
@@ -152,6 +143,7 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     report |= task.report
     metrics = _final_metrics(task, model, recipe, tokenizer.pad_token_id or 0, report)
     task.save(model, tokenizer, work / "model")
+    write_manifest(work / "model", task.meta())
     task.save_extras(work / "model", metrics.pop("_outputs"), metrics["split"], work / "plots")
     (work / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2), encoding="utf-8")
     write_model_card(work, task.meta(), encoder)
@@ -162,20 +154,16 @@ def run_finetuning(recipe: RecipeConfig, final: Path, work: Path, resume: bool) 
     return finish_run(final)
 
 
-def _set_checkpointing(recipe: RecipeConfig, task: Any, model: Any, implementation: str) -> str:
+def _set_checkpointing(recipe: RecipeConfig, task: Task, model: Any, implementation: str) -> str:
     """Resolve training.gradient_checkpointing for one training forward pass of the task and switch it on; why."""
     t = recipe.training
     rows = distributed.split_batch(t.batch_size, t.gradient_accumulation).per_device
-    config = task.encoder_config(model)
-    t.gradient_checkpointing, why = choose_checkpointing(t.gradient_checkpointing, config, [task.pass_shape(rows)],
-                                                         implementation)  # fmt: skip
-    if t.gradient_checkpointing and not enable_checkpointing(model):
-        raise CmftError(f"training.gradient_checkpointing: this encoder ({config.model_type}) does not support it; "
-                        "set it to false")  # fmt: skip
+    t.gradient_checkpointing, why = set_checkpointing(t.gradient_checkpointing, model, task.encoder_config(model),
+                                                      [task.pass_shape(rows)], implementation)  # fmt: skip
     return why
 
 
-def _trained_model(trainer: Any, task: Any, recipe: RecipeConfig, tokenizer: Any, work: Path) -> Any:
+def _trained_model(trainer: Any, task: Task, recipe: RecipeConfig, tokenizer: Any, work: Path) -> Any:
     """The best checkpoint's model as a plain (merged, unsharded) model on rank 0: LoRA saves its adapter (with the
     head) in adapter/ and merges; FSDP gathers the shards into model/ (a collective) and rank 0 reads them back."""
     if trainer.is_fsdp_enabled:
@@ -187,17 +175,17 @@ def _trained_model(trainer: Any, task: Any, recipe: RecipeConfig, tokenizer: Any
     return model
 
 
-def _final_metrics(task: Any, model: Any, recipe: RecipeConfig, pad_id: int, report: dict[str, Any]) -> dict:
+def _final_metrics(task: Task, model: Any, recipe: RecipeConfig, pad_id: int, report: dict[str, Any]) -> dict:
     """Dev metrics (settings such as the ICD threshold are tuned here) and the test split's, or dev's without one,
     computed on the in-memory model with the attention it was trained with (its fp32 weights autocast to bf16/fp16
     under flash-attention, as the Trainer's dev evaluations ran), and what ran."""
     backend = TorchBackend(task.inference_module(model).eval())
     batch = recipe.training.eval_batch_size
-    dev_metrics = evaluate(task, backend, "dev", batch, pad_id, tune=True) if "dev" in task.datasets else {}
+    dev_metrics = task.evaluate(backend, "dev", batch, pad_id, tune=True) if "dev" in task.datasets else {}
     split = "test" if "test" in task.datasets else ("dev" if "dev" in task.datasets else "train")
     started = time.monotonic()
-    outputs = split_outputs(task, backend, split, batch, pad_id)
-    unit = getattr(task, "throughput_unit", "examples")
+    outputs = task.split_outputs(backend, split, batch, pad_id)
+    unit = task.throughput_unit
     report[f"{split}_{unit}_per_s"] = round(len(outputs) / (time.monotonic() - started), 2)
     metrics = task.score(outputs, split) if split != "dev" else dict(dev_metrics)
     metrics |= {"split": split, **task.counts(split)}
@@ -206,23 +194,21 @@ def _final_metrics(task: Any, model: Any, recipe: RecipeConfig, pad_id: int, rep
     return {**metrics, "_outputs": outputs}
 
 
-def _build_trainer(recipe: RecipeConfig, task: Any, model: Any, tokenizer: Any, heads: list[str], work: Path) -> Any:
+def _build_trainer(recipe: RecipeConfig, task: Task, model: Any, tokenizer: Any, heads: list[str], work: Path) -> Any:
     """The task's trainer with cmft's schedule, checkpoints, history, progress, early stopping and best-checkpoint
     loading on the dev metric — the same for every task."""
     t = recipe.training
     has_dev = "dev" in task.datasets
     max_steps, _, eval_every, log_every = step_schedule(t, task.batches_per_epoch(t.batch_size))
     arguments_class, extra = task.trainer_arguments()
-    report_to, trackers = tracking(t.report_to, work)
-    args = training_arguments(
-        work / "checkpoints", max_steps=max_steps, batch_size=t.batch_size,
-        gradient_accumulation=t.gradient_accumulation, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-        warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, max_grad_norm=1.0,
-        log_every=log_every, save_every=eval_every, save_total_limit=t.save_total_limit,
-        seed=recipe.seed, bf16=t.bf16, distributed=t.distributed, cls=arguments_class, report_to=report_to, **extra,
+    args, callbacks = trainer_parts(
+        work, work / "checkpoints", f"finetune {recipe.task}", t.report_to, max_steps=max_steps,
+        batch_size=t.batch_size, gradient_accumulation=t.gradient_accumulation, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, max_grad_norm=1.0,
+        log_every=log_every, save_every=eval_every, save_total_limit=t.save_total_limit, seed=recipe.seed,
+        bf16=t.bf16, distributed=t.distributed, cls=arguments_class, **extra,
     )  # fmt: skip
     args.per_device_eval_batch_size = t.eval_batch_size
-    callbacks = [HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"finetune {recipe.task}"), *trackers]
     if has_dev:
         args.eval_strategy = "steps"
         args.eval_steps = eval_every
@@ -231,10 +217,7 @@ def _build_trainer(recipe: RecipeConfig, task: Any, model: Any, tokenizer: Any, 
         args.greater_is_better = True
         if t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = task.make_trainer(model, args, callbacks, tokenizer, heads)
-    quiet_trainer(trainer)
-    trainer.setup_safety(t.divergence_factor)
-    return trainer
+    return ready(task.make_trainer(model, args, callbacks, tokenizer, heads), t.divergence_factor)
 
 
 def _flat_figure(value: Any) -> bool:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from cmft.config import read_yaml
+from cmft.modeling import GEOMETRY
 from cmft.paths import bundled_file
+from cmft.recipe import RecipeBase
 from cmft.tasks import task_class
 
 log = logging.getLogger("cmft")
 TINY_CONFIG = "pretrain/clinical_tiny.yaml"
-GEOMETRY = ("hidden_size", "num_hidden_layers", "intermediate_size")
 
 
 def made_by_cmft_pretrain(encoder: str) -> bool:
@@ -51,7 +51,7 @@ def encoder_kind(encoder: str) -> tuple[str, str]:
                           "real pretrained encoder")  # fmt: skip
 
 
-def choose_learning_rate(recipe: Any, encoder: str) -> tuple[float, str]:
+def choose_learning_rate(recipe: RecipeBase, encoder: str) -> tuple[float, str]:
     """The encoder learning rate `auto` stands for, and why (one line for the log and recipe.yaml)."""
     kind, why = encoder_kind(encoder)
     method = recipe.tuning.method
@@ -59,7 +59,7 @@ def choose_learning_rate(recipe: Any, encoder: str) -> tuple[float, str]:
     return rate, f"{why}, {recipe.task} {method} tuning (benchmarks/README.md, Learning rates)"
 
 
-def resolve_learning_rate(recipe: Any, encoder: str) -> str | None:
+def resolve_learning_rate(recipe: RecipeBase, encoder: str) -> str | None:
     """Replace `auto` in the recipe by its rate and log the choice; the reason, or None for an explicit number."""
     if recipe.training.learning_rate != "auto":
         return None

@@ -1,4 +1,4 @@
-"""`cmft finetune` entry: validate the recipe (fast, before heavy imports), then run the engine."""
+"""`cmft finetune` entry: validate the recipe (before any data or model is loaded), then run the engine."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmft.data.readers import iter_records
+from cmft.data.readers import iter_records, text_lines
 from cmft.errors import CmftError
 
 JSONL = {".jsonl", ".json", ".ndjson"}
@@ -82,15 +82,8 @@ class Inputs:
             yield index, str(number if identifier is None else identifier), text
 
     def _text(self, wanted: Callable[[int], bool]) -> Iterator[Row]:
-        index = 0
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                for line in handle:
-                    for text in line.splitlines():  # as str.splitlines on the whole file: \f, \u2028 … end a line too
-                        index += 1
-                        yield index - 1, str(index), text
-        except UnicodeDecodeError:
-            raise CmftError(f"{self.path}: not a UTF-8 text file") from None
+        for index, text in enumerate(text_lines(self.path)):
+            yield index, str(index + 1), text
 
     def _parquet(self, wanted: Callable[[int], bool]) -> Iterator[Row]:
         import pyarrow as pa

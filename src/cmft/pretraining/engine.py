@@ -24,7 +24,7 @@ from cmft.cards import write_model_card
 from cmft.checkpointing import resume_point
 from cmft.config import dump_config
 from cmft.errors import CmftError
-from cmft.memory import choose_checkpointing, enable_checkpointing
+from cmft.memory import checkpointing_on, set_checkpointing
 from cmft.modeling import check_model_source, choose_attention, hub_error, model_type_of
 from cmft.pretraining.config import ArchitectureConfig, PretrainConfig
 from cmft.pretraining.corpus import Corpus
@@ -37,16 +37,9 @@ from cmft.pretraining.trainer import MaskedLMTrainer
 from cmft.pretraining.vocab import refine_tokenizer, save_tokenizer, tokens_per_word, train_tokenizer
 from cmft.runs import finish_run
 from cmft.tasks import BARE_ENCODER
-from cmft.tracking import trackers, tracking
-from cmft.training import (
-    HistoryCallback,
-    RichProgressCallback,
-    plot_history,
-    quiet_trainer,
-    read_history,
-    set_threads,
-    training_arguments,
-)
+from cmft.tasks.base import write_manifest
+from cmft.tracking import trackers
+from cmft.training import plot_history, read_history, ready, set_threads, trainer_parts
 
 log = logging.getLogger("cmft")
 
@@ -197,9 +190,11 @@ def _train_stage(
         config.masking.mask_token_fraction,
         config.masking.random_token_fraction,
     )
-    report_to, trackers = tracking(t.report_to, work)
-    args = training_arguments(
+    args, callbacks = trainer_parts(
+        work,
         work / "checkpoints" / stage,
+        f"pretrain {stage}",
+        t.report_to,
         max_steps=max_steps,
         batch_size=batch_size,
         gradient_accumulation=t.gradient_accumulation,
@@ -217,7 +212,6 @@ def _train_stage(
         fsdp_layers=["ModernBertEncoderLayer"],
         batch_field="training.batch_size" if stage == "main" else "long_context.batch_size",
         ddp_find_unused_parameters=False,  # every parameter takes part: skip DDP's extra graph traversal
-        report_to=report_to,
     )
     pad_id = setup.tokenizer.pad_token_id
     trainer = MaskedLMTrainer(
@@ -229,10 +223,9 @@ def _train_stage(
         rates=(config.masking.start_rate, config.masking.end_rate, config.masking.schedule),
         attention=setup.attention,
         seed=config.seed,
-        callbacks=[HistoryCallback(work / "history.jsonl"), RichProgressCallback(f"pretrain {stage}"), *trackers],
+        callbacks=callbacks,
     )
-    quiet_trainer(trainer)
-    trainer.setup_safety(t.divergence_factor)
+    ready(trainer, t.divergence_factor)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=resume_point(Path(args.output_dir), resume))
     if args.fsdp:  # the model is sharded across processes: gather it into a plain model on every process
@@ -290,7 +283,7 @@ def _long_context(
     )
     _set_sparse_prediction(setup.model, True)
     if config.training.gradient_checkpointing:
-        enable_checkpointing(setup.model)
+        checkpointing_on(setup.model, setup.model.config)
     distributed.barrier()
     if distributed.is_main():
         shutil.rmtree(staged)
@@ -368,10 +361,8 @@ def _set_checkpointing(config: PretrainConfig, setup: Setup) -> str:
     if config.long_context is not None:
         shapes.append((max(1, config.long_context.batch_size // distributed.world_size()),
                        config.long_context.max_length))  # fmt: skip
-    t.gradient_checkpointing, why = choose_checkpointing(t.gradient_checkpointing, setup.model.config, shapes,
-                                                         setup.attention)  # fmt: skip
-    if t.gradient_checkpointing:
-        enable_checkpointing(setup.model)
+    t.gradient_checkpointing, why = set_checkpointing(t.gradient_checkpointing, setup.model, setup.model.config, shapes,
+                                                      setup.attention)  # fmt: skip
     return why
 
 
@@ -411,7 +402,9 @@ def _save_outputs(setup: Setup, work: Path, metrics: dict, summary: dict) -> Non
     config_path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     (work / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    write_model_card(work, {"task": BARE_ENCODER, "max_length": int(setup.model.config.max_position_embeddings)})
+    meta = {"task": BARE_ENCODER, "max_length": int(setup.model.config.max_position_embeddings)}
+    write_manifest(model_dir, meta)
+    write_model_card(work, meta)
     plot_history(
         read_history(work / "history.jsonl"),
         work / "plots" / "loss.png",

@@ -19,8 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model, field_validator
 
+from cmft.backends import Backend, per_text
 from cmft.errors import CmftError
-from cmft.inference import Backend, Loaded, top_hits
+from cmft.inference import Loaded, top_hits
 from cmft.serving.batcher import Batcher, Limits
 from cmft.serving.metrics import Metrics
 from cmft.tasks.base import EVIDENCE_K
@@ -121,11 +122,7 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
         except Exception as exc:
             metrics.error("batch_failed")
             raise HTTPException(500, "the model failed on the batch holding this request") from exc
-        by_text: list[tuple[list, list]] = [([], []) for _ in texts]
-        for unit, output in zip(units, outputs, strict=True):
-            by_text[unit.text][0].append(output)
-            by_text[unit.text][1].append(unit)
-        return by_text
+        return per_text(units, outputs, len(texts))
 
     def flags(units: list) -> dict[str, Any]:
         found: dict[str, Any] = {"truncated": any(unit.truncated for unit in units)}

@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmft.inference import Backend, Loaded
-from cmft.tasks.base import Unit
+from cmft.backends import Backend, Unit
+from cmft.inference import Loaded
 
 log = logging.getLogger("cmft.serve")
 

@@ -1,15 +1,20 @@
 """One module per task behind one interface (`cmft.tasks.base.Task`); this registry maps a recipe's `task` to it.
 
-Task modules are imported on first use: each pulls in its own dependencies. A task never imports another task, and
-nothing outside this package compares task names.
+Adding a task: its module (cmft/tasks/<name>.py, with its `Task` subclass and its recipe section) and one line here.
+The recipe (cmft.finetuning.config.RecipeConfig) takes its keys from the registered classes. Task modules are
+imported on first use: each pulls in its own dependencies. A task never imports another task, and nothing outside
+this package compares task names.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cmft.errors import CmftError
+
+if TYPE_CHECKING:
+    from cmft.tasks.base import Task
 
 BARE_ENCODER = "encoder"  # a `cmft pretrain` run's bare encoder: inference and export only
 REGISTRY = {
@@ -21,7 +26,7 @@ REGISTRY = {
 }
 
 
-def task_class(name: str) -> type:
+def task_class(name: str) -> type[Task]:
     """The Task class registered under `name`."""
     if name not in REGISTRY:
         raise CmftError(f"task {name!r}: unknown; choose one of {', '.join(sorted(REGISTRY))}")
@@ -29,5 +34,11 @@ def task_class(name: str) -> type:
     return getattr(importlib.import_module(module), attribute)
 
 
-def get_task(recipe: Any):
+def recipe_tasks() -> list[type[Task]]:
+    """The tasks a recipe may name (those with a recipe section), in registry order."""
+    return [task for task in map(task_class, REGISTRY) if task.section is not None]
+
+
+def get_task(recipe: Any) -> Task:
+    """A fresh task for a recipe (a cmft.finetuning.config.RecipeConfig)."""
     return task_class(recipe.task)(recipe)

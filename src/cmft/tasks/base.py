@@ -1,10 +1,20 @@
-"""The one interface every task implements (`Task`), and the pieces most tasks share. A task owns all that depends
-on what it predicts; the engine, `cmft evaluate`, `cmft predict`, `cmft export` and the benchmarks only call it."""
+"""The one interface every task implements (`Task`), the manifest a saved model folder carries, and the pieces most
+tasks share. A task owns all that depends on what it predicts; the engine, `cmft evaluate`, `cmft predict`,
+`cmft export`, `cmft serve` and the benchmarks only call it.
+
+The contract. A task is one module in cmft/tasks/ with one `Task` subclass, registered by one line in
+cmft/tasks/__init__.py. It must set `name` (the recipe's `task`), `metric_for_best`, `section_name` and `section` (its
+recipe section: a `TaskSection` model defined in the same module) and implement the abstract methods: `prepare`,
+`collator`, `loss`, `score` and `decode`. Everything else has a default for a transformers AutoModelFor<Task> head
+(`auto_class`) that a task overrides where it differs.
+"""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,36 +22,34 @@ import numpy as np
 import torch
 from torch import nn
 
+from cmft.backends import Backend, Unit, pad_rows, run_batches
+from cmft.lora import wrap_lora
+from cmft.recipe import RecipeBase, TaskSection, TuningConfig
 
-@dataclass
-class Unit:
-    """One model input row: a whole text, or one window of a long NER text."""
-
-    text: int
-    input_ids: Any
-    """A list of ids, or (chunked ICD notes) a list of chunks."""
-    window: dict | None = None
-    truncated: bool = False
-    """The text was cut to fit the model (never set for NER windows, which keep everything)."""
-    offsets: list | None = None
-    """(start, end) in the text of each of its tokens, when evidence is asked for (ICD coding)."""
-
-    @property
-    def length(self) -> int:
-        from cmft.finetuning.trainer import token_count
-
-        return token_count(self.input_ids)
+SPLITS = ("train", "dev", "test")
+TASK_MANIFEST = "cmft_task.json"
+"""In every saved model/ folder: what inference needs (`Task.meta()`: task, labels, max_length, decode settings)."""
 
 
-def pad_rows(units: list[Unit], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """[B, T] int64 input_ids and attention_mask, right-padded to the longest row."""
-    length = max(len(u.input_ids) for u in units)
-    ids = np.full((len(units), length), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, unit in enumerate(units):
-        ids[row, : len(unit.input_ids)] = unit.input_ids
-        mask[row, : len(unit.input_ids)] = 1
-    return ids, mask
+def write_manifest(folder: Path, meta: dict[str, Any]) -> None:
+    """Save a model folder's manifest (TASK_MANIFEST) beside its weights."""
+    (folder / TASK_MANIFEST).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """A model folder's manifest; None for a folder saved before it was written (its run's recipe.yaml says it)."""
+    from cmft.errors import CmftError
+
+    path = folder / TASK_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CmftError(f"{path}: not a readable manifest; fine-tune again or delete it to read recipe.yaml") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
+        raise CmftError(f"{path}: a manifest needs a `task`; fine-tune again or delete it to read recipe.yaml")
+    return meta
 
 
 def cut_to(ids: list[int], limit: int) -> list[int]:
@@ -92,15 +100,19 @@ ONNX_FEED = """ids = ids[:{max_length}]
 feed = {{"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}}"""
 
 
-class Task:
-    """Defaults for a transformers AutoModelFor<Task> head (`auto_class`); a task overrides what it does differently.
-    Training: `prepare` fills `datasets[split]` (rows with `input_ids`, and `labels` for the trainer); `build_model`,
-    `collator`, `loss`, `make_trainer` train; `score` turns the inference module's outputs on a split into metrics;
-    `save` writes model/. Inference, from the saved manifest (`meta`) alone, so an export folder needs no recipe:
-    `load_inference` (the torch module ONNX traces), `encode`, `unit`, `collate`, `decode` (the JSON of predict)."""
+class Task(ABC):
+    """One fine-tuning task. Training: `prepare` fills `datasets[split]` (rows with `input_ids`, and `labels` for the
+    trainer); `build_model`, `collator`, `loss`, `make_trainer` train; `score` turns the inference module's outputs on
+    a split into metrics; `save` writes model/, and the engine writes `meta()` beside it (TASK_MANIFEST). Inference,
+    from that manifest alone, so an export folder needs no recipe: `load_inference` (the torch module ONNX traces),
+    `encode`, `unit`, `collate`, `decode` (the JSON of predict)."""
 
+    # required -----------------------------------------------------------------------------------------------------
     name: ClassVar[str]  # the recipe's `task`
     metric_for_best: ClassVar[str]  # picks the best checkpoint, measures the int8 cost, ranks benchmarks
+    section_name: ClassVar[str]  # the recipe key of the task's own settings ("" for one a recipe cannot name)
+    section: ClassVar[type[TaskSection] | None]  # their schema, defined in the task's module (None: no recipe)
+    # optional -----------------------------------------------------------------------------------------------------
     output: ClassVar[str] = "logits"  # the exported graph's output, and what it holds (for the export README)
     output_meaning: ClassVar[str] = ""
     token_level: ClassVar[bool] = False  # outputs per token: parity is checked on real positions only
@@ -125,11 +137,38 @@ class Task:
     card_decode: ClassVar[str] = ""  # how the transformers lines turn logits into a prediction
     metrics_note: ClassVar[str] = ""  # the card's words on what its evaluation figures count ({n_labels})
 
-    def __init__(self, recipe: Any = None):
-        self.recipe = recipe
+    def __init__(self, recipe: RecipeBase | None = None):
+        self.recipe: Any = recipe  # a cmft.finetuning.config.RecipeConfig: its own section is `section_of(recipe)`
         self.labels: list[str] = []
         self.report: dict[str, Any] = {}
         self.datasets: dict[str, list[dict]] = {}
+
+    @classmethod
+    def section_of(cls, recipe: RecipeBase | None) -> Any:
+        """The task's own section of `recipe` (None without a recipe)."""
+        return getattr(recipe, cls.section_name) if recipe is not None and cls.section_name else None
+
+    # the core every task implements -------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, tokenizer: Any, splits: tuple[str, ...] = SPLITS) -> None:
+        """Read and tokenize the recipe's `splits` into `datasets` (labels from train, or from `restore`)."""
+
+    @abstractmethod
+    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """The trainer's batches from `datasets` rows: padded tensors, with `labels`."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """(loss, model outputs) of one training batch from `collator`."""
+
+    @abstractmethod
+    def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
+        """metrics.json's figures from the inference module's outputs on a prepared split (`tune`: choose settings)."""
+
+    @classmethod
+    @abstractmethod
+    def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
+        """The JSON `cmft predict` writes for one text, from its units' outputs and the manifest."""
 
     # training ---------------------------------------------------------------------------------------------------
     def build_model(self, encoder: str, attention: str, trust_remote_code: bool) -> nn.Module:
@@ -151,12 +190,12 @@ class Task:
         tokenizer.save_pretrained(folder)
 
     def meta(self) -> dict[str, Any]:
-        """The manifest inference needs (saved in an export folder as cmft_export.json)."""
+        """The manifest inference needs: saved in model/ as TASK_MANIFEST (and in an export as cmft_export.json)."""
         return {"task": self.name, "max_length": self.recipe.training.max_length, "labels": self.labels,
                 **self.settings_meta(self.recipe)}  # fmt: skip
 
     @classmethod
-    def settings_meta(cls, recipe: Any) -> dict[str, Any]:
+    def settings_meta(cls, recipe: RecipeBase) -> dict[str, Any]:
         """Recipe settings decoding needs besides labels and max_length."""
         return {}
 
@@ -185,9 +224,7 @@ class Task:
         children = model.named_children()
         return [name for name, child in children if name != base and next(child.parameters(), None) is not None]
 
-    def wrap_lora(self, model: nn.Module, tuning: Any, heads: list[str]) -> nn.Module:
-        from cmft.finetuning.lora import wrap_lora
-
+    def wrap_lora(self, model: nn.Module, tuning: TuningConfig, heads: list[str]) -> nn.Module:
         return wrap_lora(model, model.config.model_type, tuning, heads)
 
     def merge_lora(self, model: nn.Module, adapter: Path | None, tokenizer: Any) -> nn.Module:
@@ -210,9 +247,10 @@ class Task:
         return TrainingArguments, {}
 
     def make_trainer(self, model: nn.Module, args: Any, callbacks: list, tokenizer: Any, heads: list[str]) -> Any:
-        """The trainer (cmft's SafeTrainerMixin on an HF Trainer): the engine has set the schedule, checkpoints,
-        evaluation and best-checkpoint arguments; the task brings its data, collator, loss and dev metrics."""
-        from cmft.finetuning.trainer import FinetuneTrainer
+        """The trainer: cmft's FinetuneTrainer (cmft.training) over this task's datasets, `collator`, `loss` and dev
+        `score`; the engine has set the schedule, checkpoints, evaluation and best-checkpoint arguments. A task that
+        trains on a library's own trainer (retrieval: sentence-transformers) overrides this."""
+        from cmft.training import FinetuneTrainer
 
         args.train_sampling_strategy = "group_by_length"  # similar lengths per batch: far less padding
 
@@ -237,6 +275,7 @@ class Task:
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Take back what `checkpoint_state` kept."""
+        return None
 
     def counts(self, split: str) -> dict[str, int]:  # what metrics.json says of an evaluated split's size
         return {"n_examples": len(self.datasets[split])}
@@ -251,20 +290,42 @@ class Task:
 
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         """Files besides the weights (labels.json) and the task's plots, from the final split's outputs."""
+        return None
 
     def summary(self) -> str:  # `cmft validate`'s line about the data
         sizes = ", ".join(f"{name} {len(rows)}" for name, rows in self.datasets.items())
         return f"{len(self.labels)} labels; examples: {sizes}"
 
+    # evaluation: the one loop (training's final metrics, `cmft evaluate`, the int8 check, the benchmarks) -----------
+    def split_outputs(self, backend: Backend, split: str, batch_size: int, pad_id: int) -> list[np.ndarray]:
+        """The back end's output for every prepared row of `split`, in row order."""
+        units = [Unit(index, row["input_ids"]) for index, row in enumerate(self.datasets[split])]
+        meta = self.meta()
+
+        def collate(batch: list[Unit]) -> tuple[np.ndarray, np.ndarray]:
+            return self.collate(batch, pad_id, meta)
+
+        return run_batches(units, collate, backend, batch_size)
+
+    def evaluate(self, backend: Backend, split: str, batch_size: int, pad_id: int, tune: bool = False
+                 ) -> dict[str, Any]:  # fmt: skip
+        """The metrics on a prepared split (`tune`: choose settings on it, e.g. the ICD threshold on dev)."""
+        return self.score(self.split_outputs(backend, split, batch_size, pad_id), split, tune)
+
     # inference --------------------------------------------------------------------------------------------------
     @classmethod
-    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
-        """A saved model folder's inference module (fp32, eval) and manifest."""
-        model = load_pretrained(cls.auto_class, folder, attention)
-        labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-        meta = {"task": cls.name, "max_length": recipe.training.max_length, "labels": labels,
-                **cls.settings_meta(recipe)}  # fmt: skip
-        return OutputModule(model).eval(), meta
+    def load_inference(cls, folder: Path, meta: dict[str, Any], attention: str) -> nn.Module:
+        """A saved model folder's inference module (fp32, eval), given its manifest."""
+        return OutputModule(load_pretrained(cls.auto_class, folder, attention)).eval()
+
+    @classmethod
+    def manifest_from_recipe(cls, folder: Path, recipe: RecipeBase) -> dict[str, Any]:
+        """The manifest of a model folder saved before TASK_MANIFEST was written, from its run's recipe."""
+        from transformers import AutoConfig
+
+        id2label = AutoConfig.from_pretrained(folder).id2label
+        return {"task": cls.name, "max_length": recipe.training.max_length,
+                "labels": [id2label[i] for i in range(len(id2label))], **cls.settings_meta(recipe)}  # fmt: skip
 
     @classmethod
     def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:  # a row from one text's [CLS] … [SEP]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -15,11 +15,21 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.metrics import classification_metrics
-from cmft.tasks.base import Task, cut_to
+from cmft.recipe import RecipeBase, TaskSection
+from cmft.tasks.base import SPLITS, Task, cut_to
+
+
+class ClassificationConfig(TaskSection):
+    """The recipe's `classification` section."""
+
+    class_weights: Literal["none", "balanced", "sqrt"] = "sqrt"
+    """Loss weights against class imbalance: inverse frequency (balanced) or its square root."""
 
 
 class ClassificationTask(Task):
     name = "note_classification"
+    section_name = "classification"
+    section = ClassificationConfig
     metric_for_best = "macro_f1"
     output_meaning = "[batch, labels] logits; softmax gives the class probabilities (labels in the manifest)"
     auto_class = AutoModelForSequenceClassification
@@ -27,23 +37,21 @@ class ClassificationTask(Task):
     card_decode = "label = model.config.id2label[int(logits.argmax(-1)[0])]"
     learning_rates = {"tiny": {"full": 4e-4, "lora": 1e-3}, "pretrained": {"full": 2e-4, "lora": 1e-3}}
 
-    def __init__(self, recipe: Any = None):
+    def __init__(self, recipe: RecipeBase | None = None):
         super().__init__(recipe)
+        self.options: ClassificationConfig = self.section_of(recipe)
         self.splits: dict[str, Split] = {}
         self.class_weights: torch.Tensor | None = None
 
     # data -------------------------------------------------------------------------------------------
-    def prepare(
-        self, tokenizer, splits: tuple[str, ...] = ("train", "dev", "test"), labels: list | None = None
-    ) -> None:
-        """Read and tokenize `splits`; the label set comes from train, or from `labels` (a saved model's)."""
+    def prepare(self, tokenizer: Any, splits: tuple[str, ...] = SPLITS) -> None:
+        """Read and tokenize `splits`; the label set comes from train, or is a saved model's (`restore`)."""
         for name in splits:
             split = read_split(self.recipe.data, name, multi_label=False)
             if split is not None:
                 self.splits[name] = split
         counts = Counter(e.label for e in self.splits["train"].examples) if "train" in self.splits else Counter()
-        labels = labels if labels is not None else (self.labels or None)
-        self.labels = list(labels) if labels is not None else sorted(counts)
+        self.labels = list(self.labels) if self.labels else sorted(counts)
         if len(self.labels) < 2:
             raise CmftError(f"data.train: {self.recipe.data.train}: needs at least 2 classes")
         index = {label: i for i, label in enumerate(self.labels)}
@@ -63,13 +71,13 @@ class ClassificationTask(Task):
                 for ids, e in zip(encoded, split.examples, strict=True)
             ]
         frequency = np.array([counts[label] for label in self.labels], dtype=np.float64)
-        mode = self.recipe.classification.class_weights
+        mode = self.options.class_weights
         if mode != "none" and frequency.min() > 0:
             weights = frequency.sum() / (len(frequency) * frequency)
             weights = np.sqrt(weights) if mode == "sqrt" else weights
             self.class_weights = torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer: Any) -> DataCollatorWithPadding:
         return DataCollatorWithPadding(tokenizer)
 
     # model ------------------------------------------------------------------------------------------

@@ -9,11 +9,19 @@ import numpy as np
 from torch import nn
 
 from cmft.errors import CmftError
-from cmft.tasks.base import OutputModule, Task, Unit, load_pretrained
+from cmft.recipe import RecipeBase
+from cmft.tasks.base import SPLITS, OutputModule, Task, Unit, load_pretrained
+
+NO_HEAD = "a pretrained encoder has no task head; fine-tune it first (cmft finetune RECIPE)"
 
 
 class EncoderTask(Task):
+    """Not a recipe's task (no section): `prepare`, `collator`, `loss`, `score` and `decode` say so."""
+
     name = "encoder"
+    section_name = ""
+    section = None
+    metric_for_best = "mlm_top1"
     output = "last_hidden_state"
     output_meaning = "[batch, sequence, hidden] the encoder's last hidden state"
     token_level = True
@@ -28,14 +36,31 @@ best = fill("{example}".replace("neuropathy", fill.tokenizer.mask_token))[0]["to
     }
     card_adapter = None
 
+    def prepare(self, tokenizer: Any, splits: tuple[str, ...] = SPLITS) -> None:
+        raise CmftError(f"finetune: {NO_HEAD}")
+
+    def collator(self, tokenizer: Any) -> Any:
+        raise CmftError(f"finetune: {NO_HEAD}")
+
+    def loss(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        raise CmftError(f"finetune: {NO_HEAD}")
+
+    def score(self, outputs: list[np.ndarray], split: str, tune: bool = False) -> dict[str, Any]:
+        raise CmftError(f"evaluate: {NO_HEAD}")
+
     @classmethod
-    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
+    def load_inference(cls, folder: Path, meta: dict[str, Any], attention: str) -> nn.Module:
         from transformers import AutoModel
 
-        encoder = load_pretrained(AutoModel, folder, attention)
-        meta = {"task": cls.name, "max_length": int(encoder.config.max_position_embeddings)}
-        return OutputModule(encoder, "last_hidden_state").eval(), meta
+        return OutputModule(load_pretrained(AutoModel, folder, attention), "last_hidden_state").eval()
+
+    @classmethod
+    def manifest_from_recipe(cls, folder: Path, recipe: RecipeBase | None) -> dict[str, Any]:
+        """A `cmft pretrain` run's encoder reads texts up to its position table."""
+        from transformers import AutoConfig
+
+        return {"task": cls.name, "max_length": int(AutoConfig.from_pretrained(folder).max_position_embeddings)}
 
     @classmethod
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
-        raise CmftError("predict: a pretrained encoder has no task head; fine-tune it first (cmft finetune RECIPE)")
+        raise CmftError(f"predict: {NO_HEAD}")

@@ -1,4 +1,5 @@
-"""Batches of ICD notes, whole ([B, T]) or in chunks ([B, C, chunk_size]): one padding for training and inference."""
+"""ICD notes, whole ([B, T]) or in chunks ([B, C, chunk_size]): their token ids (`encode_note`), one padding for
+training and inference, and the encoding of chunked notes (`encode_chunks` in training, `IcdModule` in inference)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from cmft.tasks.base import Unit, pad_rows
+from cmft.backends import Unit, pad_rows
 
 
 def pad_chunks(units: list[Unit], pad_id: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -22,11 +24,16 @@ def pad_chunks(units: list[Unit], pad_id: int, size: int) -> tuple[np.ndarray, n
     return ids, mask
 
 
-def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Pad to the longest note (whole: [B, T]) or to the most chunks ([B, C, chunk_size]), as inference does."""
-    units = [Unit(row, feature["input_ids"]) for row, feature in enumerate(features)]
+def pad_notes(units: list[Unit], pad_id: int, settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Padded to the longest note (whole: [B, T]) or to the most chunks ([B, C, chunk_size])."""
     chunked = settings["mode"] == "chunked"
-    ids, mask = pad_chunks(units, pad_id, settings["chunk_size"]) if chunked else pad_rows(units, pad_id)
+    return pad_chunks(units, pad_id, settings["chunk_size"]) if chunked else pad_rows(units, pad_id)
+
+
+def collate_notes(features: list[dict], pad_id: int, settings: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Training batches, padded as inference pads them (`pad_notes`)."""
+    units = [Unit(row, feature["input_ids"]) for row, feature in enumerate(features)]
+    ids, mask = pad_notes(units, pad_id, settings)
     batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
     if "labels" in features[0]:
         batch["labels"] = torch.tensor(np.stack([f["labels"] for f in features]), dtype=torch.float32)
@@ -59,3 +66,40 @@ def encode_chunks(
         states[group, :width] = encoded
     assert states is not None  # every note has a chunk: encode_note always gives [CLS] … [SEP]
     return states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
+
+
+def encode_note(tokenizer, text: str, settings: dict[str, Any]) -> tuple[Any, bool]:
+    """Token ids for one note and whether it was cut: whole → [CLS] … [SEP] up to max_length; chunked →
+    a list of chunks of chunk_size, each [CLS] … [SEP], at most max_chunks."""
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if settings["mode"] == "whole":
+        room = settings["max_length"] - 2
+        return [cls_id, *body[:room], sep_id], len(body) > room
+    room = settings["chunk_size"] - 2
+    pieces = [body[i : i + room] for i in range(0, max(len(body), 1), room)]
+    return [[cls_id, *p, sep_id] for p in pieces[: settings["max_chunks"]]], len(pieces) > settings["max_chunks"]
+
+
+class IcdModule(nn.Module):
+    """Probabilities of every code, with the exported signature. Chunked input [B, C, S] encodes every chunk (no
+    data-dependent skipping, so it traces); the label attention masks the padding chunks."""
+
+    def __init__(self, coder: nn.Module):
+        super().__init__()
+        self.coder = coder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.coder.head(*self.states(input_ids, attention_mask)))
+
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states [B, T, H] and mask [B, T]; chunked: T = C × S, chunk c's position s at c × S + s."""
+        if input_ids.dim() == 2:
+            states = self.coder.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return states, attention_mask
+        batch, chunks, size = input_ids.shape
+        flat_mask = attention_mask.reshape(-1, size)
+        states = self.coder.encoder(input_ids=input_ids.reshape(-1, size), attention_mask=flat_mask)
+        states = states.last_hidden_state
+        states = torch.where(flat_mask[..., None].bool(), states, torch.zeros_like(states))
+        return states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)

@@ -5,29 +5,67 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from cmft.backends import TorchBackend, run_batches
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.heads import LabelAttentionHead, PooledHead
 from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
+from cmft.recipe import DataConfig, RecipeBase, TaskSection, TrainingConfig
 from cmft.tasks import icd_evidence
-from cmft.tasks.base import Task, Unit, load_pretrained, pad_rows
-from cmft.tasks.icd_batches import collate_notes, encode_chunks, pad_chunks
+from cmft.tasks.base import SPLITS, Task, Unit, load_pretrained
+from cmft.tasks.icd_batches import IcdModule, collate_notes, encode_chunks, encode_note, pad_notes
 from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, CARD_USAGE, METRICS_NOTE
 from cmft.tasks.icd_descriptions import init_queries_from_descriptions, read_descriptions, undescribed
-from cmft.tasks.icd_labels import normalize_code, per_label_plot
+from cmft.tasks.icd_labels import LabelSpaceConfig, normalize_code, per_label_plot
 from cmft.tasks.icd_metrics import all_code_metrics, code_thresholds, tune_code_thresholds
 from cmft.tasks.icd_zero_shot import add_zero_shot_codes, zero_shot_scores
 
 HEAD_WEIGHTS = "icd_head.safetensors"
 HEAD_CONFIG = "icd_coding.json"
+
+
+class IcdCodingConfig(TaskSection):
+    """The recipe's `icd_coding` section."""
+
+    label_space: LabelSpaceConfig = LabelSpaceConfig()
+    mode: Literal["whole", "chunked"] = "whole"
+    """`whole`: the note in one pass (up to max_length ≤ 8192); `chunked`: PLM-ICD-style segments."""
+    chunk_size: int = Field(256, ge=128, le=512)
+    max_chunks: PositiveInt = 8
+    head: Literal["label_attention", "pooled"] = "label_attention"
+    attention_dim: PositiveInt = 256
+    init_from_descriptions: bool = False
+    """Start each label query from the encoder's embedding of its description (`descriptions`)."""
+    descriptions: str = "bundled:data/icd_codes/icd10cm_2024_codes.tsv.gz"
+    """code<TAB>description rows (a header row optional; .gz read as gzip): ICD-10-CM 2024 by default; bring your own
+    for other code sets (ICD-9-CM codes written as the data writes them). Read for training only: the model keeps what
+    it needs."""
+    thresholds: Literal["global", "per_code"] = "global"
+    """`global`: one threshold tuned on dev; `per_code`: codes with at least `per_code_min_positives` dev notes get
+    their own (tuned on dev), the others the global one."""
+    per_code_min_positives: PositiveInt = 5
+    rare_code_weight: bool = False
+    """Weight each code's positive notes by sqrt(negatives / positives) in train (capped at 30), so that rare codes
+    count in the loss."""
+
+    def check(self, training: TrainingConfig, data: DataConfig) -> None:
+        if training.max_length > 8192:
+            raise ValueError("training.max_length must be at most 8192")
+        if self.label_space.zero_shot and self.head != "label_attention":
+            raise ValueError("icd_coding.label_space.zero_shot needs icd_coding.head: label_attention (the pooled head "
+                             "has no label queries for a description to fill)")  # fmt: skip
+        if self.label_space.zero_shot and self.label_space.level != "code":
+            raise ValueError("icd_coding.label_space.zero_shot needs label_space.level: code (zero-shot codes are the "
+                             "other codes of a trained code's category)")  # fmt: skip
 
 
 class IcdCoder(nn.Module):
@@ -87,11 +125,14 @@ class IcdCoder(nn.Module):
 
     def predict_proba(self, texts: list[str], batch_size: int = 8) -> np.ndarray:
         """[texts, codes] probabilities, computed as `cmft predict` computes them."""
-        from cmft.inference import Loaded, TorchBackend, run_units
+        meta = _meta(self.settings["max_length"], self.settings)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        units, _ = IcdCodingTask.encode(self.tokenizer, texts, meta)
 
-        loaded = Loaded(IcdCodingTask, self.tokenizer, _meta(self.settings["max_length"], self.settings))
-        units, _ = IcdCodingTask.encode(self.tokenizer, texts, loaded.meta)
-        return np.stack(run_units(loaded, TorchBackend(IcdModule(self)), units, batch_size))
+        def collate(batch: list[Unit]) -> tuple[np.ndarray, np.ndarray]:
+            return IcdCodingTask.collate(batch, pad_id, meta)
+
+        return np.stack(run_batches(units, collate, TorchBackend(IcdModule(self)), batch_size))
 
     def predict(self, texts: list[str]) -> list[dict[str, float]]:
         probabilities = self.predict_proba(texts)
@@ -102,45 +143,10 @@ class IcdCoder(nn.Module):
         ]
 
 
-def encode_note(tokenizer, text: str, settings: dict[str, Any]) -> tuple[Any, bool]:
-    """Token ids for one note and whether it was cut: whole → [CLS] … [SEP] up to max_length; chunked →
-    a list of chunks of chunk_size, each [CLS] … [SEP], at most max_chunks."""
-    body = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if settings["mode"] == "whole":
-        room = settings["max_length"] - 2
-        return [cls_id, *body[:room], sep_id], len(body) > room
-    room = settings["chunk_size"] - 2
-    pieces = [body[i : i + room] for i in range(0, max(len(body), 1), room)]
-    return [[cls_id, *p, sep_id] for p in pieces[: settings["max_chunks"]]], len(pieces) > settings["max_chunks"]
-
-
-class IcdModule(nn.Module):
-    """Probabilities of every code, with the exported signature. Chunked input [B, C, S] encodes every chunk (no
-    data-dependent skipping, so it traces); the label attention masks the padding chunks."""
-
-    def __init__(self, coder: nn.Module):
-        super().__init__()
-        self.coder = coder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.coder.head(*self.states(input_ids, attention_mask)))
-
-    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states [B, T, H] and mask [B, T]; chunked: T = C × S, chunk c's position s at c × S + s."""
-        if input_ids.dim() == 2:
-            states = self.coder.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return states, attention_mask
-        batch, chunks, size = input_ids.shape
-        flat_mask = attention_mask.reshape(-1, size)
-        states = self.coder.encoder(input_ids=input_ids.reshape(-1, size), attention_mask=flat_mask)
-        states = states.last_hidden_state
-        states = torch.where(flat_mask[..., None].bool(), states, torch.zeros_like(states))
-        return states.reshape(batch, chunks * size, -1), attention_mask.reshape(batch, chunks * size)
-
-
 class IcdCodingTask(Task):
     name = "icd_coding"
+    section_name = "icd_coding"
+    section = IcdCodingConfig
     metric_for_best = "micro_f1"
     output = "probabilities"
     output_meaning = (
@@ -158,9 +164,9 @@ class IcdCodingTask(Task):
     card_adapter = CARD_ADAPTER
     metrics_note = METRICS_NOTE
 
-    def __init__(self, recipe: Any = None):
+    def __init__(self, recipe: RecipeBase | None = None):
         super().__init__(recipe)
-        self.options = recipe.icd_coding if recipe is not None else None
+        self.options: IcdCodingConfig = self.section_of(recipe)
         self.splits: dict[str, Split] = {}
         self.threshold = 0.5
         self.code_thresholds: dict[str, float] = {}  # icd_coding.thresholds: per_code
@@ -196,10 +202,8 @@ class IcdCodingTask(Task):
             return ""
         return f", or read the note in segments: icd_coding.mode=chunked icd_coding.chunk_size={min(512, limit)}"
 
-    def prepare(
-        self, tokenizer, splits: tuple[str, ...] = ("train", "dev", "test"), labels: list | None = None
-    ) -> None:
-        """Read and tokenize `splits`; the label space comes from train, or from `labels` (a saved model's)."""
+    def prepare(self, tokenizer: Any, splits: tuple[str, ...] = SPLITS) -> None:
+        """Read and tokenize `splits`; the label space comes from train, or is a saved model's (`restore`)."""
         level = self.options.label_space.level
         for name in splits:
             split = read_split(self.recipe.data, name, multi_label=True)
@@ -212,7 +216,7 @@ class IcdCodingTask(Task):
         if "train" in self.splits:
             self.train_counts = dict(sorted(counts.items()))
         minimum = self.options.label_space.min_train_count
-        labels = labels if labels is not None else (self.labels or None)
+        labels = self.labels or None
         if labels is None:  # a new label space, from train (a bad descriptions file fails here, before training)
             labels = sorted(c for c, n in counts.items() if n >= minimum)
             self.descriptions = read_descriptions(self.options.descriptions)
@@ -241,7 +245,7 @@ class IcdCodingTask(Task):
             self.report[f"n_truncated_{name}"] = cut
             self.datasets[name] = rows
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer: Any) -> Any:
         settings = self.settings
         return lambda features: collate_notes(features, tokenizer.pad_token_id, settings)
 
@@ -334,9 +338,15 @@ class IcdCodingTask(Task):
 
     # inference --------------------------------------------------------------------------------------
     @classmethod
-    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
-        coder = load_pretrained(IcdCoder, folder, attention)
-        return IcdModule(coder).eval(), _meta(recipe.training.max_length, coder.settings)
+    def load_inference(cls, folder: Path, meta: dict[str, Any], attention: str) -> nn.Module:
+        return IcdModule(load_pretrained(IcdCoder, folder, attention)).eval()
+
+    @classmethod
+    def manifest_from_recipe(cls, folder: Path, recipe: RecipeBase) -> dict[str, Any]:
+        """The settings the model keeps (HEAD_CONFIG: labels, threshold, head, chunking)."""
+        if not (folder / HEAD_CONFIG).is_file():
+            raise CmftError(f"{folder}: no {HEAD_CONFIG}; not an ICD coding model folder")
+        return _meta(recipe.training.max_length, json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8")))
 
     @classmethod
     def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:
@@ -357,8 +367,7 @@ class IcdCodingTask(Task):
     @classmethod
     def collate(cls, units: list[Unit], pad_id: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """[B, T], or [B, C, chunk_size] for chunked notes."""
-        chunked = meta["icd"]["mode"] == "chunked"
-        return pad_chunks(units, pad_id, meta["icd"]["chunk_size"]) if chunked else pad_rows(units, pad_id)
+        return pad_notes(units, pad_id, meta["icd"])
 
     @classmethod
     def input_shape(cls, meta: dict[str, Any]) -> str:

@@ -75,7 +75,8 @@ def description_queries(coder: Any, tokenizer: Any, texts: list[str], batch_size
     """The label query each description gives, tanh(W · mean-pooled encoding), [texts, attention_dim] in fp32 on the
     coder's device: its encoder in eval mode, without gradients, in its attention's dtype (autocast under
     flash-attention)."""
-    from cmft.inference import attention_of
+    from cmft.backends import attention_of
+    from cmft.heads import mean_pool
     from cmft.modeling import inference_dtype
 
     device, dtype = next(coder.parameters()).device, inference_dtype(attention_of(coder))
@@ -87,8 +88,7 @@ def description_queries(coder: Any, tokenizer: Any, texts: list[str], batch_size
             batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=64,
                               return_tensors="pt").to(device)  # fmt: skip
             states = coder.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            weights = batch["attention_mask"][..., None].float()
-            pooled = (states.last_hidden_state.float() * weights).sum(1) / weights.sum(1)
+            pooled = mean_pool(states.last_hidden_state, batch["attention_mask"])
             rows.append(torch.tanh(coder.head.project(pooled)).float())
     coder.train(training)
     return torch.cat(rows)

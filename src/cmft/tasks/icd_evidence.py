@@ -86,7 +86,7 @@ def evidence_backend(cls: type, loaded: Any, backend: Any, method: str) -> Evide
             raise CmftError(f"evidence: this export has no {OUTPUT} output (made before evidence existed); "
                             "export the run again")  # fmt: skip
         return EvidenceBackend(backend, loaded.meta, backend.outputs)
-    from cmft.inference import TorchBackend
+    from cmft.backends import TorchBackend
 
     attention = TorchBackend(AttentionModule(backend.module), backend.dtype)
     gradient = partial(attention_x_gradient, attention, loaded.meta)

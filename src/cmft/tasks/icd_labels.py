@@ -1,13 +1,27 @@
-"""ICD label helpers: code normalisation, the per-label plot."""
+"""ICD label helpers: code normalisation, the label space's settings (`icd_coding.label_space`), the per-label plot."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import PositiveInt
+
+from cmft.config import StrictModel
 
 ICD10 = re.compile(r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$")
+
+
+class LabelSpaceConfig(StrictModel):
+    level: Literal["code", "category"] = "code"
+    """`code`: full codes (E11.9); `category`: their 3-character categories (E11)."""
+    min_train_count: PositiveInt = 5
+    """Keep labels with at least this many train documents; the others are counted and reported."""
+    zero_shot: bool = False
+    """Also score codes never in the label space: each code of `descriptions` in the 3-character category of a trained
+    code, from its description through the fine-tuned encoder, added after training (cmft.tasks.icd_zero_shot)."""
 
 
 def normalize_code(code: str, level: str = "code") -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
@@ -15,7 +16,29 @@ from cmft.data.ner import read_conll, read_span_jsonl, word_spans
 from cmft.errors import CmftError
 from cmft.metrics import entity_metrics
 from cmft.paths import resolve_path
-from cmft.tasks.base import Task, Unit
+from cmft.recipe import DataConfig, FolderSplit, RecipeBase, TaskSection, TrainingConfig
+from cmft.tasks.base import SPLITS, Task, Unit
+
+
+class NerConfig(TaskSection):
+    """The recipe's `ner` section."""
+
+    token_column: int = 0
+    tag_column: int = -1
+    stride: int = Field(32, ge=0)
+    """Sub-tokens shared by consecutive windows when a sentence is longer than max_length."""
+    label_all_subtokens: bool = False
+    """Train on every sub-token (default: only a word's first sub-token carries its tag)."""
+
+    def check(self, training: TrainingConfig, data: DataConfig) -> None:
+        if self.stride >= training.max_length - 2:
+            raise ValueError("ner.stride must be smaller than training.max_length - 2")
+        for split in ("train", "dev", "test"):
+            if isinstance(getattr(data, split), FolderSplit):  # tags are per word; a folder gives labels per note
+                raise ValueError(
+                    f"data.{split}: NER reads a CoNLL/IOB file (token and tag columns) or a .jsonl file with "
+                    "character-offset entity spans, not a {texts, labels} folder of notes"
+                )
 
 
 def to_iob2(tags: list[str]) -> list[str]:
@@ -78,6 +101,8 @@ def merge_windows(windows: list[dict], window_logits: list[np.ndarray], n_words:
 
 class NerTask(Task):
     name = "ner"
+    section_name = "ner"
+    section = NerConfig
     metric_for_best = "f1"
     output_meaning = "[batch, sequence, tags] logits per token; a word's tag is argmax at its first sub-token"
     token_level = True
@@ -87,9 +112,9 @@ class NerTask(Task):
     pipeline_tag = "token-classification"
     card_decode = "tags = [model.config.id2label[i] for i in logits.argmax(-1)[0].tolist()]  # one per sub-token"
 
-    def __init__(self, recipe: Any = None):
+    def __init__(self, recipe: RecipeBase | None = None):
         super().__init__(recipe)
-        self.options = recipe.ner if recipe is not None else None
+        self.options: NerConfig = self.section_of(recipe)
         self.sentences: dict[str, list[tuple[list, list]]] = {}
         self.windows: dict[str, list[list[dict]]] = {}
 
@@ -109,14 +134,13 @@ class NerTask(Task):
         self.report[f"n_empty_skipped_{name}"] = empty
         return [(words, to_iob2(tags)) for words, tags in sentences]
 
-    def prepare(
-        self, tokenizer, splits: tuple[str, ...] = ("train", "dev", "test"), labels: list | None = None
-    ) -> None:
+    def prepare(self, tokenizer: Any, splits: tuple[str, ...] = SPLITS) -> None:
+        """Read and window `splits`; the tag set comes from train, or is a saved model's (`restore`)."""
         for name in splits:
             sentences = self._read(name)
             if sentences is not None:
                 self.sentences[name] = sentences
-        labels = labels if labels is not None else (self.labels or None)
+        labels = self.labels or None
         if labels is None:
             found = {t for _, tags in self.sentences["train"] for t in tags}
             labels = ["O", *sorted(found - {"O"}, key=lambda t: (t[2:], t[:2]))]
@@ -139,7 +163,7 @@ class NerTask(Task):
             self.report[f"n_windowed_{name}"] = sum(len(w) > 1 for w in windows_of)
             self.windows[name], self.datasets[name] = windows_of, rows
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer: Any) -> DataCollatorForTokenClassification:
         return DataCollatorForTokenClassification(tokenizer)
 
     def loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, Any]:
@@ -147,8 +171,8 @@ class NerTask(Task):
         return outputs.loss, outputs
 
     @classmethod
-    def settings_meta(cls, recipe: Any) -> dict[str, Any]:
-        return {"stride": recipe.ner.stride}
+    def settings_meta(cls, recipe: RecipeBase) -> dict[str, Any]:
+        return {"stride": cls.section_of(recipe).stride}
 
     def word_predictions(self, outputs: list[np.ndarray], split: str) -> list[list[str]]:
         """Each sentence's word tags, its windows' token logits merged per word (as prediction does)."""

@@ -5,19 +5,29 @@ cached form), a no-duplicates sampler and optional mined hard negatives; evaluat
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
 from cmft import distributed, memory
 from cmft.data.retrieval import RetrievalSplit, read_retrieval_split
 from cmft.errors import CmftError
+from cmft.heads import mean_pool
+from cmft.lora import wrap_lora
 from cmft.metrics import rank, retrieval_metrics
-from cmft.tasks.base import Task, Unit, cut_to, load_pretrained
+from cmft.recipe import RecipeBase, TaskSection, TuningConfig
+from cmft.tasks.base import SPLITS, Task, Unit, cut_to, load_pretrained
+from cmft.tasks.retrieval_training import (
+    activation_bytes,
+    evaluator,
+    fit_loss,
+    mine_hard_negatives,
+    trainer_class,
+)
 
 log = logging.getLogger("cmft")
 CARD_USAGE = """from sentence_transformers import SentenceTransformer
@@ -35,6 +45,32 @@ pooled = states.mean(1) if "{pooling}" == "mean" else states[:, 0]  # one text: 
 embedding = torch.nn.functional.normalize(pooled, dim=-1)  # the same as model.encode"""
 
 
+class RetrievalConfig(TaskSection):
+    """The recipe's `retrieval` section."""
+
+    query_field: str = "query"
+    """Pairs / triplets files (jsonl or csv): the query column."""
+    document_field: str = "positive"
+    """The relevant document's column."""
+    negative_field: str = "negative"
+    """Optional column of negative documents (a string or a list); used for training when present."""
+    pooling: Literal["mean", "cls"] = "mean"
+    loss: Literal["in_batch", "cached"] = "in_batch"
+    """`in_batch`: MultipleNegativesRankingLoss; `cached`: its GradCache version, for large batches on small memory."""
+    mini_batch_size: PositiveInt = 16
+    """`cached` loss: examples embedded per forward pass (memory), while the batch stays training.batch_size."""
+    group_by_length: bool = True
+    """Batches of similar length (far less padding) with no text twice; false: sentence-transformers' sampler."""
+    scale: PositiveFloat = 20.0
+    """Similarity scale (inverse temperature) of the in-batch softmax."""
+    hard_negatives: int = Field(0, ge=0, le=16)
+    """Negatives mined per training query with the starting model (0 = in-batch negatives only)."""
+    hard_negative_margin: float = Field(0.05, ge=0, lt=1)
+    """A mined negative must score below (1 - margin) × the positive's score, to skip unlabelled positives."""
+    top_k: PositiveInt = 100
+    """Hits ranked per query for the metrics (recall@100, map@100 need 100)."""
+
+
 class EmbeddingModule(nn.Module):
     """Mean (or CLS) pooling then L2 normalisation: what the saved SentenceTransformer computes."""
 
@@ -45,16 +81,14 @@ class EmbeddingModule(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        if self.pooling == "cls":
-            pooled = states[:, 0]
-        else:
-            weights = attention_mask[..., None].float()
-            pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+        pooled = states[:, 0] if self.pooling == "cls" else mean_pool(states, attention_mask)
         return nn.functional.normalize(pooled, dim=-1)
 
 
 class RetrievalTask(Task):
     name = "retrieval"
+    section_name = "retrieval"
+    section = RetrievalConfig
     metric_for_best = "ndcg@10"
     output = "embeddings"
     output_meaning = "[batch, dim] L2-normalised embeddings (the dot product is the cosine similarity)"
@@ -67,9 +101,9 @@ class RetrievalTask(Task):
     card_usage = {"sentence-transformers": CARD_USAGE}
     card_adapter = CARD_ADAPTER
 
-    def __init__(self, recipe: Any = None):
+    def __init__(self, recipe: RecipeBase | None = None):
         super().__init__(recipe)
-        self.settings = recipe.retrieval if recipe is not None else None
+        self.settings: RetrievalConfig = self.section_of(recipe)
         self.splits: dict[str, RetrievalSplit] = {}
 
     # data -------------------------------------------------------------------------------------------
@@ -79,8 +113,7 @@ class RetrievalTask(Task):
                 "training.distributed: fsdp is not supported for retrieval (sentence-transformers); use ddp"
             )
 
-    def prepare(self, tokenizer, splits: tuple[str, ...] = ("train", "dev", "test"), labels: list | None = None
-                ) -> None:  # fmt: skip
+    def prepare(self, tokenizer: Any, splits: tuple[str, ...] = SPLITS) -> None:
         """Read `splits`; each evaluated split's rows are its queries, then its whole corpus, tokenized."""
         for name in splits:
             split = read_retrieval_split(self.recipe.data, name, self.settings)
@@ -103,7 +136,7 @@ class RetrievalTask(Task):
     def batches_per_epoch(self, batch_size: int) -> int:
         from datasets import Dataset
 
-        from cmft.finetuning.retrieval_sampler import GroupedNoDuplicatesBatchSampler
+        from cmft.tasks.retrieval_sampler import GroupedNoDuplicatesBatchSampler
 
         rows = self.splits["train"].training_rows()
         if not self.settings.group_by_length:
@@ -137,9 +170,7 @@ class RetrievalTask(Task):
     def head_modules(self, model: nn.Module) -> list[str]:
         return []
 
-    def wrap_lora(self, model: nn.Module, tuning: Any, heads: list[str]) -> nn.Module:
-        from cmft.finetuning.lora import wrap_lora
-
+    def wrap_lora(self, model: nn.Module, tuning: TuningConfig, heads: list[str]) -> nn.Module:
         model[0].model = wrap_lora(model[0].model, model[0].model.config.model_type, tuning, heads)
         return model
 
@@ -163,14 +194,20 @@ class RetrievalTask(Task):
     def meta(self) -> dict[str, Any]:
         return _meta(self.recipe)
 
-    # training ---------------------------------------------------------------------------------------
+    # training: sentence-transformers' trainer (make_trainer) batches the texts and computes the in-batch loss ------
+    def collator(self, tokenizer: Any) -> Any:
+        raise CmftError("retrieval: batches are sentence-transformers' (its trainer collates the text rows)")
+
+    def loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        raise CmftError("retrieval: the loss is sentence-transformers' (in-batch negatives, built in make_trainer)")
+
     def trainer_arguments(self) -> tuple[type, dict[str, Any]]:
         from sentence_transformers.sentence_transformer.training_args import (
             BatchSamplers,
             SentenceTransformerTrainingArguments,
         )
 
-        from cmft.finetuning.retrieval_sampler import GroupedNoDuplicatesBatchSampler
+        from cmft.tasks.retrieval_sampler import GroupedNoDuplicatesBatchSampler
 
         # a duplicate text in a batch would be a false negative; grouping by length saves most of the padding
         sampler = GroupedNoDuplicatesBatchSampler if self.settings.group_by_length else BatchSamplers.NO_DUPLICATES
@@ -189,14 +226,16 @@ class RetrievalTask(Task):
         train_dataset = Dataset.from_list(rows)
         loss = self._loss(model, args.per_device_train_batch_size, len(train_dataset.column_names))
         pad_id = tokenizer.pad_token_id or 0
-        evaluator = _evaluator(self, args.per_device_eval_batch_size, pad_id) if "dev" in self.datasets else None
-        return _trainer_class()(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator,
-                                callbacks=callbacks)  # fmt: skip
+        dev = evaluator(self, args.per_device_eval_batch_size, pad_id) if "dev" in self.datasets else None
+        return trainer_class()(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=dev,
+                               callbacks=callbacks)  # fmt: skip
 
     def _training_rows(self, model: nn.Module) -> list[dict]:
         rows = self.splits["train"].training_rows()
         if self.settings.hard_negatives:
-            mined = _mine_hard_negatives(model, self.splits["train"], rows, self.recipe)
+            settings, corpus = self.settings, list(self.splits["train"].corpus.values())
+            mined = mine_hard_negatives(model, corpus, rows, settings.hard_negatives, settings.hard_negative_margin,
+                                        self.recipe.training.eval_batch_size)  # fmt: skip
             self.report["n_hard_negative_rows"] = len(mined)
             if mined:
                 rows = mined
@@ -243,111 +282,22 @@ class RetrievalTask(Task):
 
     # inference --------------------------------------------------------------------------------------
     @classmethod
-    def load_inference(cls, folder: Path, recipe: Any, attention: str) -> tuple[nn.Module, dict[str, Any]]:
+    def load_inference(cls, folder: Path, meta: dict[str, Any], attention: str) -> nn.Module:
         from transformers import AutoModel
 
-        module = EmbeddingModule(load_pretrained(AutoModel, folder, attention), recipe.retrieval.pooling)
-        return module.eval(), _meta(recipe)
+        return EmbeddingModule(load_pretrained(AutoModel, folder, attention), meta["pooling"]).eval()
+
+    @classmethod
+    def manifest_from_recipe(cls, folder: Path, recipe: RecipeBase) -> dict[str, Any]:
+        return _meta(recipe)
 
     @classmethod
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
         return {"embedding": [round(float(v), 6) for v in outputs[0]]}
 
 
-def _meta(recipe: Any) -> dict[str, Any]:
+def _meta(recipe: RecipeBase) -> dict[str, Any]:
     return {"task": RetrievalTask.name, "max_length": recipe.training.max_length,
-            "pooling": recipe.retrieval.pooling, "normalized": True}  # fmt: skip
+            "pooling": RetrievalTask.section_of(recipe).pooling, "normalized": True}  # fmt: skip
 
 
-def _evaluator(task: RetrievalTask, batch_size: int, pad_id: int):
-    """A sentence-transformers evaluator over cmft's evaluation loop (dev ndcg@10 picks the best checkpoint)."""
-    from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
-
-    class RetrievalEvaluator(SentenceEvaluator):
-        def __init__(self):
-            super().__init__()
-            self.primary_metric = RetrievalTask.metric_for_best
-            self.greater_is_better = True
-
-        def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
-            from cmft.evaluation import evaluate
-            from cmft.inference import TorchBackend
-
-            was_training = model.training
-            metrics = evaluate(task, TorchBackend(task.inference_module(model).eval()), "dev", batch_size, pad_id)
-            model.train(was_training)
-            return {k: float(v) for k, v in metrics.items() if not k.startswith("n_")}
-
-    return RetrievalEvaluator()
-
-
-def _trainer_class():
-    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
-
-    from cmft.checkpointing import SafeTrainerMixin
-
-    class RetrievalTrainer(SafeTrainerMixin, SentenceTransformerTrainer):
-        def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
-            pass  # its model card quotes training texts (note text): cmft writes its own card instead
-
-        def _load_best_model(self) -> None:
-            # sentence-transformers reloads the whole model from the checkpoint, which fails for a LoRA encoder (only
-            # logged, and the last step's adapter was kept): load the best checkpoint's adapter into it instead.
-            from peft import PeftModel, set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            encoder = self.model[0].model
-            if not isinstance(encoder, PeftModel):
-                return super()._load_best_model()
-            weights = load_file(str(Path(self.state.best_model_checkpoint) / "adapter_model.safetensors"))
-            set_peft_model_state_dict(encoder, weights)
-
-        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-            # No generated model card in checkpoints: sentence-transformers' card quotes training texts.
-            output_dir = output_dir or self.args.output_dir
-            os.makedirs(output_dir, exist_ok=True)
-            self.model.save_pretrained(output_dir, create_model_card=False)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    return RetrievalTrainer
-
-
-def _mine_hard_negatives(model, split: RetrievalSplit, rows: list[dict], recipe: Any) -> list[dict]:
-    """Each query's highest-scoring non-relevant training documents, below (1 - margin) × its positive's score."""
-    from datasets import Dataset
-    from sentence_transformers.util import mine_hard_negatives
-
-    settings = recipe.retrieval
-    pairs = Dataset.from_list([{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
-    mined = mine_hard_negatives(
-        pairs, model, anchor_column_name="anchor", positive_column_name="positive", corpus=list(split.corpus.values()),
-        num_negatives=settings.hard_negatives, relative_margin=settings.hard_negative_margin or None,
-        sampling_strategy="top",
-        output_format="n-tuple", batch_size=recipe.training.eval_batch_size, verbose=False,
-    )  # fmt: skip
-    return mined.to_list()
-
-
-def activation_bytes(config, length: int) -> int:
-    """Training activations kept per text of `length` tokens on CPU, where sdpa/eager attention materialise the
-    heads × length² scores. What autograd really keeps is 0.76–0.83 of it for MiniLM-L6 (256–512 tokens) and
-    about 0.3 for ModernBERT (no attention dropout: no kept scores); the test suite checks it stays on the safe side."""
-    layers, heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
-    return layers * (12 * heads * length * length + 128 * hidden * length)
-
-
-def fit_loss(loss: str, mini_batch: int, batch: int, texts_per_row: int, per_text: int, available: int
-             ) -> tuple[str, int, str | None]:  # fmt: skip
-    """(loss, mini-batch size, why it changed): `in_batch` whose worst batch (every text at max_length) would take
-    more than half the free memory becomes `cached` (GradCache: the same loss and gradients, embedded in
-    mini-batches that fit), instead of being killed by the kernel part-way through an epoch."""
-    budget = available // 2
-    need = batch * texts_per_row * per_text
-    if loss != "in_batch" or need <= budget:
-        return loss, mini_batch, None
-    fitted = max(1, min(batch, budget // per_text))
-    why = (f"retrieval.loss: in_batch would need about {need / 2**30:.1f} GiB for a batch of {batch} rows × "
-           f"{texts_per_row} texts at max_length ({available / 2**30:.1f} GiB free): training with `cached` "
-           f"(GradCache: same loss and gradients) in mini-batches of {fitted} instead; set retrieval.loss=cached "
-           f"and retrieval.mini_batch_size to choose")  # fmt: skip
-    return "cached", fitted, why

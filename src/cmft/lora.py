@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from cmft.errors import CmftError
-from cmft.finetuning.config import TuningConfig
+from cmft.recipe import TuningConfig
 
 # peft has no defaults for ModernBERT; BERT-style names cover BERT, RoBERTa, MiniLM, PubMedBERT.
 DEFAULT_TARGETS = {
