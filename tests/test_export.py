@@ -41,6 +41,44 @@ def test_every_head_exports_with_parity(exports, name):
 
 
 @pytest.mark.slow
+def test_model_folders_carry_their_manifest_and_older_folders_load_through_the_recipe(runs, exports, tmp_path):
+    """model/cmft_task.json is what inference needs (Task.meta()): predict, evaluate, export and serve read it, not
+    recipe.yaml (a run folder without its recipe still predicts), and an export's cmft_export.json repeats it. A run
+    folder saved before the manifest existed (here: the manifest deleted) loads through its recipe.yaml to the same
+    manifest and the same predictions."""
+    for name, run in runs.items():
+        manifest = json.loads((run / "model" / "cmft_task.json").read_text())
+        assert manifest["task"] == RUNS[name][0]
+        exported = json.loads((exports[name] / "cmft_export.json").read_text())
+        assert {key: exported[key] for key in manifest} == manifest
+        loaded = load_run(run)
+        assert loaded.meta == manifest
+        texts = bundled_test_texts(manifest["task"])[:6]
+        expected, _ = predict_texts(loaded, TorchBackend(loaded.module), texts)
+        without_recipe = shutil.copytree(run, tmp_path / f"{name}-no-recipe")
+        (without_recipe / "recipe.yaml").unlink()
+        quick = load_run(without_recipe)
+        assert quick.meta == manifest and predict_texts(quick, TorchBackend(quick.module), texts)[0] == expected
+        old = shutil.copytree(run, tmp_path / f"{name}-old")
+        (old / "model" / "cmft_task.json").unlink()
+        legacy = load_run(old)
+        assert legacy.meta == manifest and predict_texts(legacy, TorchBackend(legacy.module), texts)[0] == expected
+        if name == "note_classification":
+            assert evaluate_loaded(legacy, TorchBackend(legacy.module), "test") == evaluate_loaded(
+                loaded, TorchBackend(loaded.module), "test")  # fmt: skip
+
+
+def test_a_pretraining_run_carries_the_encoder_manifest(tiny_encoder, tmp_path):
+    from cmft.inference import run_kind
+
+    manifest = json.loads((tiny_encoder / "cmft_task.json").read_text())
+    assert manifest == {"task": "encoder", "max_length": 1024} and run_kind(tiny_encoder.parent) == "pretrain"
+    old = shutil.copytree(tiny_encoder.parent, tmp_path / "old")
+    (old / "model" / "cmft_task.json").unlink()
+    assert run_kind(old) == "pretrain" and load_run(old).meta == manifest
+
+
+@pytest.mark.slow
 def test_pretrain_run_exports_the_encoder(tiny_encoder, tmp_path):
     folder, report = export_run(tiny_encoder.parent, tmp_path / "encoder")
     assert report["task"] == "encoder" and report["passed"]
