@@ -21,7 +21,7 @@ from cmft.heads import LabelAttentionHead, PooledHead
 from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_threshold
 from cmft.recipe import DataConfig, RecipeBase, TaskSection, TrainingConfig
 from cmft.tasks import icd_evidence
-from cmft.tasks.base import SPLITS, Task, Unit, load_pretrained
+from cmft.tasks.base import SPLITS, Task, Unit, load_pretrained, write_manifest
 from cmft.tasks.icd_batches import IcdModule, collate_notes, encode_chunks, encode_note, pad_notes
 from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, CARD_USAGE, METRICS_NOTE
 from cmft.tasks.icd_descriptions import init_queries_from_descriptions, read_descriptions, undescribed
@@ -110,6 +110,7 @@ class IcdCoder(nn.Module):
         head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
         save_file(head, str(folder / HEAD_WEIGHTS))
         (folder / HEAD_CONFIG).write_text(json.dumps(self.settings, indent=2), encoding="utf-8")
+        write_manifest(folder, _meta(self.settings["max_length"], self.settings))  # what predict reads: the same
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> IcdCoder:
