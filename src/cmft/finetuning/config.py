@@ -10,7 +10,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from cmft.config import AttentionChoice, StrictModel, Tracker
 
 TASK_SECTIONS = {"ner": "ner", "icd_coding": "icd_coding", "note_classification": "classification",
-                 "retrieval": "retrieval"}  # fmt: skip
+                 "retrieval": "retrieval", "assertion": "assertion"}  # fmt: skip
 """Each task (cmft.tasks) and the recipe section holding its settings."""
 TASKS = tuple(TASK_SECTIONS)
 
@@ -203,8 +203,34 @@ class RetrievalConfig(TaskSection):
     """Hits ranked per query for the metrics (recall@100, map@100 need 100)."""
 
 
+class AssertionConfig(TaskSection):
+    """cmft.tasks.assertion: the status of a marked span. The usual label scheme is i2b2/n2c2 2010's (present, absent,
+    possible, conditional, hypothetical, associated_with_someone_else); the labels are whatever the train data holds."""
+
+    start_marker: str = "[E]"
+    end_marker: str = "[/E]"
+    """Added to the tokenizer as special tokens around the span (saved with it); a text may also carry them inline."""
+    window: PositiveInt | None = None
+    """Tokens of context kept on each side of the span; null: as many as max_length allows, centred on the span."""
+    normalise_case: bool = True
+    """Lower-case the span, so that the model cannot learn its case (NegEx upper-cases its concepts) as a cue."""
+    class_weights: Literal["none", "balanced", "sqrt"] = "sqrt"
+    """Loss weights against label imbalance: inverse train frequency (balanced) or its square root."""
+
+    def check(self, training: TrainingConfig, data: DataConfig) -> None:
+        if training.max_length < 8:
+            raise ValueError("training.max_length must be at least 8 for assertion (markers, span and context)")
+        if not self.start_marker.strip() or not self.end_marker.strip() or self.start_marker == self.end_marker:
+            raise ValueError("assertion.start_marker and assertion.end_marker must be two different non-blank strings")
+        for split in ("train", "dev", "test"):
+            if isinstance(getattr(data, split), FolderSplit) or (data.format == "csv" and getattr(data, split)):
+                raise ValueError(f"data.{split}: assertion reads .jsonl rows ({{text, start, end, label}}, or NER "
+                                 "span rows whose entities carry an `assertion`), not a folder or a csv")  # fmt: skip
+
+
 SECTION_TYPES: dict[str, type[TaskSection]] = {"classification": ClassificationConfig, "icd_coding": IcdCodingConfig,
-                                               "ner": NerConfig, "retrieval": RetrievalConfig}  # fmt: skip
+                                               "ner": NerConfig, "retrieval": RetrievalConfig,
+                                               "assertion": AssertionConfig}  # fmt: skip
 
 
 class RecipeConfig(StrictModel):
@@ -219,6 +245,7 @@ class RecipeConfig(StrictModel):
     icd_coding: IcdCodingConfig | None = None
     ner: NerConfig | None = None
     retrieval: RetrievalConfig | None = None
+    assertion: AssertionConfig | None = None
 
     @model_validator(mode="after")
     def _sections_match_task(self) -> RecipeConfig:
