@@ -61,6 +61,9 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path | Non
         check_output(output)
     threads, device = _share_machine()
     loaded, backend = open_source(source, onnx, int8, threads, device)
+    row_text = getattr(loaded.task, "input_text", None)  # assertion: a row's text with its start/end span marked
+    if row_text is not None:
+        inputs.row_text = lambda record, field, where: row_text(loaded.meta, record, field, where)
     state = {"input": file_identity(inputs.path), "model": _model_identity(loaded, backend),
              "settings": {"buffer_rows": buffer_rows, "batch_size": batch_size, "text_field": text_field,
                           "evidence": None, "corpus": None}}  # fmt: skip
