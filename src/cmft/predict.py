@@ -61,6 +61,7 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path | Non
         check_output(output)
     threads, device = _share_machine()
     loaded, backend = open_source(source, onnx, int8, threads, device)
+    inputs.row_text = lambda record, field, where: loaded.task.input_text(loaded.meta, record, field, where)
     state = {"input": file_identity(inputs.path), "model": _model_identity(loaded, backend),
              "settings": {"buffer_rows": buffer_rows, "batch_size": batch_size, "text_field": text_field,
                           "evidence": None, "corpus": None}}  # fmt: skip

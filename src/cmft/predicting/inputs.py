@@ -30,6 +30,9 @@ class Inputs:
     path: Path
     text_field: str = "text"
     id_field: str = "id"
+    row_text: Callable[[dict[str, Any], str, str], str] | None = None
+    """A task's reading of one jsonl/csv record (record, text field, "file: line N") as its text, e.g. an assertion
+    model's text with the span of `start`/`end` marked; None: the text field as it is."""
 
     def __post_init__(self) -> None:
         self.n_rows = 0  # rows read so far, blank ones included: all of them once `rows` is through
@@ -71,6 +74,8 @@ class Inputs:
             text = record.get(self.text_field)
             if not isinstance(text, str):
                 raise CmftError(f"{self.path}: line {number}: needs a string field {self.text_field!r}")
+            if self.row_text is not None:
+                text = self.row_text(record, self.text_field, f"{self.path}: line {number}")
             yield index, str(record.get(self.id_field, number)), text
 
     def _csv(self, wanted: Callable[[int], bool]) -> Iterator[Row]:
@@ -78,6 +83,8 @@ class Inputs:
             text = record.get(self.text_field)
             if text is None:  # a row with fewer cells than the header
                 raise CmftError(f"{self.path}: line {number}: no {self.text_field!r} cell")
+            if self.row_text is not None:
+                text = self.row_text(record, self.text_field, f"{self.path}: line {number}")
             identifier = record.get(self.id_field)
             yield index, str(number if identifier is None else identifier), text
 

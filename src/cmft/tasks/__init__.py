@@ -22,6 +22,7 @@ REGISTRY = {
     "icd_coding": "cmft.tasks.icd_coding:IcdCodingTask",
     "note_classification": "cmft.tasks.classification:ClassificationTask",
     "retrieval": "cmft.tasks.retrieval:RetrievalTask",
+    "assertion": "cmft.tasks.assertion:AssertionTask",
     BARE_ENCODER: "cmft.tasks.encoder:EncoderTask",
 }
 

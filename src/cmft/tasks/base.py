@@ -332,6 +332,12 @@ class Task(ABC):
         return Unit(index, ids)
 
     @classmethod
+    def input_text(cls, meta: dict[str, Any], record: dict[str, Any], text_field: str, where: str) -> str:
+        """One record of a jsonl/csv input as the text `encode` reads (`where`: "file: line N" for errors); the text
+        field as it is, unless a task reads more of the record (assertion: the span of `start`/`end` marked)."""
+        return record[text_field]
+
+    @classmethod
     def encode(cls, tokenizer: Any, texts: list[str], meta: dict[str, Any]) -> tuple[list[Unit], dict[str, int]]:
         """Model input rows for raw texts, and counts of what was truncated or windowed (never silently)."""
         limit = int(meta["max_length"])
