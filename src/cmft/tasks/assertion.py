@@ -413,7 +413,7 @@ class AssertionTask(Task):
         them (their full values), so it goes back onto any base with room for the two tokens."""
         from peft import LoraConfig, get_peft_model
 
-        from cmft.finetuning.lora import target_modules
+        from cmft.lora import target_modules
 
         embeddings = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
         config = LoraConfig(
