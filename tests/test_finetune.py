@@ -457,9 +457,10 @@ def test_learning_rate_auto_fits_the_encoder(tiny_encoder, tmp_path, capsys):
     config = json.loads((base / "model" / "config.json").read_text())
     config |= {"hidden_size": 768, "num_hidden_layers": 22, "intermediate_size": 1152}
     (base / "model" / "config.json").write_text(json.dumps(config))
-    expected = {"icd_coding": (3e-4, 5e-5), "icd_coding_lora": (1e-3, 1e-3), "ner": (3e-4, 3e-4),
-                "note_classification": (4e-4, 2e-4), "note_classification_lora": (1e-3, 1e-3),
-                "retrieval": (2e-4, 5e-5), "retrieval_pubmedqa": (2e-4, 5e-5)}  # fmt: skip
+    expected = {"icd_coding": (3e-4, 5e-5), "icd_coding_lora": (1e-3, 1e-3), "ner": (6e-4, 3e-4),
+                "assertion": (3e-4, 2e-4), "note_classification": (4e-4, 2e-4),
+                "note_classification_lora": (1e-3, 1e-3), "retrieval": (2e-4, 5e-5),
+                "retrieval_pubmedqa": (2e-4, 5e-5)}  # fmt: skip
     assert set(expected) == set(bundled_configs("recipes"))
     for name, (tiny_rate, pretrained_rate) in expected.items():
         recipe = load_recipe(name)
