@@ -18,7 +18,9 @@ else is tuned, and the settings below are fixed before any fold is seen.
 Prints one JSON line last: per system, `macro_f1_<system>`, `negated_f1_<system>` and `accuracy_<system>` (means over
 the folds), with `per_fold` values and `spread` (population standard deviation over the folds); also written, with
 provenance, to --results. `--quick` runs one fold on a few rows with a few steps (a check that it runs; its figures
-mean nothing) and writes benchmarks/results/assertion_quick.json by default.
+mean nothing) and writes benchmarks/results/assertion_quick.json by default. Every finished (fold, encoder) run is
+appended to `<results>_folds.jsonl` with its provenance; a rerun with the same settings runs only what is missing.
+The tiny encoder runs every fold before MiniLM does.
 """
 
 from __future__ import annotations
@@ -132,6 +134,31 @@ def cmft_fold(encoder: str, files: dict[str, Path], output: Path, extra: list[st
             "dev_macro_f1": metrics.get("dev_macro_f1"), "train_seconds": metrics.get("train_seconds")}  # fmt: skip
 
 
+class Finished:
+    """Each finished (fold, encoder) run, one JSON line with provenance in `path`, so a cut-off run resumes where it
+    stopped (keyed by the fold, the encoder and the training settings); `settings` None keeps nothing (--quick)."""
+
+    def __init__(self, path: Path, settings: list[str] | None):
+        self.path, self.settings, self.rows = path, settings, {}
+        if settings is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                self.rows[record["key"]] = record["result"]
+
+    def key(self, fold: int, system: str) -> str:
+        return json.dumps([fold, system, self.settings])
+
+    def get(self, fold: int, system: str) -> dict | None:
+        return self.rows.get(self.key(fold, system))
+
+    def add(self, fold: int, system: str, result: dict) -> dict:
+        if self.settings is not None:
+            record = {"key": self.key(fold, system), "result": result, **provenance()}
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        return result
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
@@ -172,28 +199,34 @@ def main() -> None:
         run_folds = range(1)
     nlp = negspacy_pipeline()
     per_fold: dict[str, list[dict]] = {system: [] for system in SYSTEMS}
+    default = "benchmarks/results/assertion_quick.json" if args.quick else "benchmarks/results/assertion.json"
+    results = ROOT / (args.results or default)
+    done = Finished(results.with_name(results.stem + "_folds.jsonl"), None if args.quick else extra)
     started = time.monotonic()
+    splits = {}
+    for k in run_folds:
+        test = [row for row in rows if row["report"] in folds[k]]
+        training_reports = [r for j, fold in enumerate(folds) if j != k for r in fold]
+        dev_set = dev_reports(rows, training_reports, seed=k)
+        train = [row for row in rows if row["report"] in training_reports and row["report"] not in dev_set]
+        dev = [row for row in rows if row["report"] in dev_set]
+        if args.quick:  # 40 train rows of each label, a few dev and test rows
+            train = [row for label in LABELS for row in [r for r in train if r["label"] == label][:40]]
+            dev, test = dev[:40], test[:60]
+        splits[k] = {"train": train, "dev": dev, "test": test}
+        per_fold["rules"].append({"fold": k, **scores([row["label"] for row in test], rules(nlp, test))})
     with tempfile.TemporaryDirectory() as tmp:
-        for k in run_folds:
-            test = [row for row in rows if row["report"] in folds[k]]
-            training_reports = [r for j, fold in enumerate(folds) if j != k for r in fold]
-            dev_set = dev_reports(rows, training_reports, seed=k)
-            train = [row for row in rows if row["report"] in training_reports and row["report"] not in dev_set]
-            dev = [row for row in rows if row["report"] in dev_set]
-            if args.quick:  # 40 train rows of each label, a few dev and test rows
-                train = [row for label in LABELS for row in [r for r in train if r["label"] == label][:40]]
-                dev, test = dev[:40], test[:60]
-            gold = [row["label"] for row in test]
-            per_fold["rules"].append({"fold": k, **scores(gold, rules(nlp, test))})
-            folder = Path(tmp) / f"fold{k}"
-            folder.mkdir()
-            files = {name: write_rows(folder / f"{name}.jsonl", split)
-                     for name, split in (("train", train), ("dev", dev), ("test", test))}  # fmt: skip
-            for system, encoder in encoders.items():
-                result = cmft_fold(encoder, files, folder / system, extra)
+        for system, encoder in encoders.items():  # every fold of one encoder, then the next: a cut run keeps whole rows
+            for k in run_folds:
+                result = done.get(k, system)
+                if result is None:
+                    folder = Path(tmp) / f"fold{k}-{system}"
+                    folder.mkdir()
+                    files = {name: write_rows(folder / f"{name}.jsonl", split) for name, split in splits[k].items()}
+                    result = done.add(k, system, cmft_fold(encoder, files, folder / "run", extra))
                 per_fold[system].append({"fold": k, **result})
-            print(json.dumps({"fold": k, "rows": {"train": len(train), "dev": len(dev), "test": len(test)},
-                              **{s: per_fold[s][-1] for s in SYSTEMS}}), flush=True)  # fmt: skip
+                print(json.dumps({"fold": k, "system": system, "rows": {n: len(r) for n, r in splits[k].items()},
+                                  "rules": per_fold["rules"][k], system: result}), flush=True)  # fmt: skip
     record = {
         **provenance(),
         "data": "../shared/data/negex train + dev", "rows": len(rows), "reports": len({r["report"] for r in rows}),
@@ -206,8 +239,7 @@ def main() -> None:
         **summarise(per_fold),
         "per_fold": per_fold,
     }  # fmt: skip
-    default = "benchmarks/results/assertion_quick.json" if args.quick else "benchmarks/results/assertion.json"
-    write_results(ROOT / (args.results or default), record)
+    write_results(results, record)
     print(json.dumps({key: value for key, value in record.items() if key not in ("machine", "versions")}))
 
 
