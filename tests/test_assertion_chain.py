@@ -198,3 +198,21 @@ def test_serve_refusals_are_one_line_and_exit_2(case, chain_runs, notes, capsys)
             "corpus": [ner, "--assertion", assertion, "--corpus", str(notes)]}[case]  # fmt: skip
     code, _, err = run_inline(capsys, "serve", *args, "--port", str(free_port()))
     assert code == 2 and "--assertion" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_text_holding_a_marker_string_gets_no_status():
+    from types import SimpleNamespace
+
+    from cmft.chaining import Chain
+    from cmft.tasks.assertion import AssertionTask
+    from cmft.tasks.ner import NerTask
+
+    meta = {"assertion": {"markers": ["[E]", "[/E]"]}}
+    chain = Chain(SimpleNamespace(task=AssertionTask, meta=meta), None, Path("assertion"))
+    texts = ["No fever today.", "See [E] above: no cough."]
+    predictions = [{"entities": [{"start": 3, "end": 8, "label": "Disease"}]},
+                   {"entities": [{"start": 17, "end": 22, "label": "Disease"}]}]  # fmt: skip
+    spans, inputs = chain.marked(SimpleNamespace(task=NerTask), texts, predictions)
+    assert spans == [predictions[0]["entities"][0]] and inputs == ["No [E]fever[/E] today."]
+    skipped = predictions[1]["entities"][0]
+    assert skipped["assertion"] is None and skipped["assertion_score"] is None
