@@ -157,6 +157,10 @@ def predict(
         str | None,
         typer.Option("--evidence-method", help="With --evidence: attention (default) or attention_x_gradient (torch)."),
     ] = None,
+    assertion: Annotated[
+        Path | None,
+        typer.Option("--assertion", help="NER: an assertion run (or export) that gives each entity its status."),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="With --output: continue a killed run from its finished parts.")
     ] = False,
@@ -181,7 +185,8 @@ def predict(
 
     summary = run_predict(source, input, output, onnx=onnx, batch_size=batch_size, corpus=corpus, top_k=top_k,
                           int8=int8, text_field=text_field, evidence=evidence, evidence_k=evidence_k,
-                          evidence_method=evidence_method, buffer_rows=buffer_rows, resume=resume)  # fmt: skip
+                          evidence_method=evidence_method, buffer_rows=buffer_rows, resume=resume,
+                          assertion=assertion)  # fmt: skip
     if not is_main():
         return
     notes = [f"{summary['n_inputs']} texts in {summary['seconds']:.1f} s ({summary['rows_per_s']:.1f} texts/s)",
@@ -211,13 +216,17 @@ def serve(
     corpus: Annotated[Path | None, typer.Option(help="Retrieval: documents for /search (jsonl or text lines).")] = None,
     max_texts: Annotated[int, typer.Option(help="Texts per request at most (more: 413).")] = 256,
     max_body_mb: Annotated[float, typer.Option(help="Request body size limit in MiB (more: 413).")] = 8.0,
+    assertion: Annotated[
+        Path | None,
+        typer.Option("--assertion", help="NER: an assertion run (or export) that gives each entity its status."),
+    ] = None,
 ) -> None:
     """An HTTP service for the model: POST /predict, /search; GET /health, /ready, /info, /metrics, /docs."""
     from cmft.serving.run import serve as run_serve
 
     run_serve(source, host, port, onnx=onnx, int8=int8, max_batch_tokens=max_batch_tokens,
               max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=batching, api_key_file=api_key_file,
-              corpus=corpus, max_texts=max_texts, max_body_mb=max_body_mb)  # fmt: skip
+              corpus=corpus, max_texts=max_texts, max_body_mb=max_body_mb, assertion=assertion)  # fmt: skip
 
 
 @app.command()

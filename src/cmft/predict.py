@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cmft import distributed
+from cmft.chaining import Chain, check_first, open_chain
 from cmft.errors import CmftError
 from cmft.inference import Loaded, embed_corpus, embed_texts, open_source, predict_texts, top_hits
 from cmft.predicting.inputs import Inputs, Row
@@ -44,10 +45,11 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path | Non
             batch_size: int = 16, corpus: str | Path | None = None, top_k: int = 10, int8: bool = False,
             text_field: str = "text", evidence: bool = False, evidence_k: int | None = None,
             evidence_method: str | None = None, buffer_rows: int = BUFFER_ROWS,
-            resume: bool = False) -> dict[str, Any]:  # fmt: skip
+            resume: bool = False, assertion: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Predict every text of `input_path` to `output` (.jsonl, or .parquet) or stdout; the summary's counts cover
     every process. With `evidence`, each prediction that has any (ICD codes) carries its `evidence_k` heaviest
-    spans of the text. `resume` continues a killed run with the same --output from its parts."""
+    spans of the text. With `assertion` (an assertion run or export), each NER entity carries its span's status
+    (cmft.chaining). `resume` continues a killed run with the same --output from its parts."""
     if min(batch_size, top_k, buffer_rows, evidence_k or 1) < 1:
         raise CmftError("--batch-size, --buffer-rows, --top-k and --evidence-k must be at least 1")
     if not evidence and (evidence_k is not None or evidence_method is not None):
@@ -55,12 +57,17 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path | Non
     if output is None and (resume or distributed.launched()):
         needs = "--resume" if resume else "torchrun"
         raise CmftError(f"{needs} needs --output FILE: the finished buffers are kept beside it, in FILE.parts/")
+    if assertion is not None and (corpus is not None or evidence):
+        raise CmftError(f"--assertion chains an assertion model after NER; it takes no "
+                        f"{'--corpus' if corpus is not None else '--evidence'}")  # fmt: skip
     inputs = Inputs(Path(input_path), text_field)
     if output is not None:
         output = Path(output)
         check_output(output)
     threads, device = _share_machine()
     loaded, backend = open_source(source, onnx, int8, threads, device)
+    if assertion is not None:
+        check_first(loaded, source)  # before the second model loads
     inputs.row_text = lambda record, field, where: loaded.task.input_text(loaded.meta, record, field, where)
     state = {"input": file_identity(inputs.path), "model": _model_identity(loaded, backend),
              "settings": {"buffer_rows": buffer_rows, "batch_size": batch_size, "text_field": text_field,
@@ -80,6 +87,11 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path | Non
         state["settings"]["corpus"] = {**file_identity(corpus), "top_k": top_k}
     else:
         predictor = _predictor(loaded, backend, batch_size)
+    if assertion is not None:
+        chain = open_chain(loaded, source, assertion, onnx, int8, threads, device, batch_size)
+        predictor = _chained(loaded, predictor, chain)
+        state["settings"]["assertion"] = _model_identity(chain.loaded, chain.backend)  # only when chained: older
+        # parts folders stay resumable
     started = time.perf_counter()
     if output is None:
         totals = _to_stdout(inputs, buffer_rows, predictor)
@@ -126,6 +138,16 @@ def _model_identity(loaded: Loaded, backend: Any) -> dict[str, Any]:
 def _predictor(loaded: Loaded, backend: Any, batch_size: int) -> Predictor:
     def predict_buffer(texts: list[str], progress: Callable[[int, int], None]) -> tuple[list[dict], dict[str, int]]:
         return predict_texts(loaded, backend, texts, batch_size, progress)
+
+    return predict_buffer
+
+
+def _chained(loaded: Loaded, predictor: Predictor, chain: Chain) -> Predictor:
+    """`predictor`, then the status of every span of the buffer from the chained model, in batches over the buffer."""
+
+    def predict_buffer(texts: list[str], progress: Callable[[int, int], None]) -> tuple[list[dict], dict[str, int]]:
+        results, counts = predictor(texts, progress)
+        return chain.add(loaded, texts, results), counts
 
     return predict_buffer
 

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model, field_validator
 
 from cmft.backends import Backend, per_text
+from cmft.chaining import Chain
 from cmft.errors import CmftError
 from cmft.inference import Loaded, top_hits
 from cmft.serving.batcher import Batcher, Limits
@@ -39,6 +40,7 @@ class Settings:
     api_key: str | None = None
     backend_name: str = "torch"
     corpus: tuple[list[str], np.ndarray] | None = None  # (document ids, their normalised embeddings)
+    assertion: Chain | None = None  # NER: the assertion model that gives each entity its status
 
 
 class TextsRequest(BaseModel):
@@ -77,16 +79,22 @@ def predict_request(loaded: Loaded) -> type[TextsRequest]:
 def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
     metrics = Metrics()
     batcher = Batcher(loaded, backend, settings.limits, metrics.observe)
+    chain = settings.assertion
+    chained = None if chain is None else Batcher(chain.loaded, chain.backend, settings.limits, metrics.observe)
     task = loaded.task
     Predict = predict_request(loaded)  # noqa: N806 (a class)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        if chained is not None:
+            chained.start()
         app.state.ready = True
         yield
         app.state.ready = False
         await batcher.stop()
+        if chained is not None:
+            await chained.stop()
 
     app = FastAPI(title="cmft serve", version=__version__, lifespan=lifespan,
                   description=f"A cmft {task.name} model over HTTP.")  # fmt: skip
@@ -149,7 +157,24 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
             return [{**task.decode(meta, text, outputs, units), **flags(units)}
                     for text, (outputs, units) in zip(texts, by_text, strict=True)]  # fmt: skip
 
-        return {"predictions": await run_in_threadpool(decode)}
+        predictions = await run_in_threadpool(decode)
+        if chain is not None:
+            await add_assertions(texts, predictions)
+        return {"predictions": predictions}
+
+    async def add_assertions(texts: list[str], predictions: list[dict[str, Any]]) -> None:
+        """The assertion model's status on every entity of the request (cmft.chaining), its rows batched with those
+        of other requests by a batcher of its own."""
+        spans, inputs = chain.marked(loaded, texts, predictions)
+        if not inputs:
+            return
+        units = await run_in_threadpool(chain.encode, inputs)
+        try:
+            outputs = await chained.run(units)
+        except Exception as exc:
+            metrics.error("batch_failed")
+            raise HTTPException(500, "the assertion model failed on the batch holding this request") from exc
+        chain.attach(spans, await run_in_threadpool(chain.decode, inputs, units, outputs))
 
     @app.post("/search")
     async def search(request: Request, body: SearchRequest) -> dict[str, Any]:
@@ -179,12 +204,12 @@ def build_app(loaded: Loaded, backend: Backend, settings: Settings) -> FastAPI:
 
     @app.get("/info")
     async def info() -> dict[str, Any]:
-        """Task, labels, maximum length, backend and version."""
+        """Task, labels, maximum length, backend and version; the chained assertion model, if any."""
         return {"task": task.name, "labels": loaded.meta.get("labels", []), "max_length": loaded.meta["max_length"],
                 "backend": settings.backend_name, "provider": getattr(backend, "provider", None),
                 "version": __version__, "search": settings.corpus is not None,
                 "options": sorted(task.decode_options), "max_texts": settings.max_texts,
-                "batching": settings.limits.__dict__}  # fmt: skip
+                "batching": settings.limits.__dict__, "assertion": None if chain is None else chain.info}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> Response:

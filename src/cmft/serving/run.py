@@ -56,7 +56,7 @@ def check_port(host: str, port: int) -> None:
 def serve(source: Path, host: str = "127.0.0.1", port: int = 8080, onnx: bool = False, int8: bool = False,
           max_batch_tokens: int = 4096, max_batch_size: int = 16, max_wait_ms: float = 0.0, batching: bool = True,
           api_key_file: Path | None = None, corpus: Path | None = None, max_texts: int = 256,
-          max_body_mb: float = 8.0, batch_size: int = 32) -> None:  # fmt: skip
+          max_body_mb: float = 8.0, batch_size: int = 32, assertion: Path | None = None) -> None:  # fmt: skip
     check_extra()
     _plain_logging()
     if int8 and not onnx:
@@ -64,6 +64,8 @@ def serve(source: Path, host: str = "127.0.0.1", port: int = 8080, onnx: bool = 
     if min(max_batch_tokens, max_batch_size, max_texts, batch_size) < 1 or max_wait_ms < 0 or max_body_mb <= 0:
         raise CmftError("--max-batch-tokens, --max-batch-size and --max-texts must be at least 1, "
                         "--max-wait-ms at least 0, --max-body-mb above 0")  # fmt: skip
+    if assertion is not None and corpus is not None:
+        raise CmftError("--assertion chains an assertion model after NER; it takes no --corpus")
     if not 0 < port < 65536:
         raise CmftError(f"--port {port}: not a TCP port")
     key = read_api_key(api_key_file)
@@ -73,6 +75,11 @@ def serve(source: Path, host: str = "127.0.0.1", port: int = 8080, onnx: bool = 
     loaded, backend = open_source(source, onnx, int8)
     if not loaded.task.predicts:
         raise CmftError(f"{source}: a pretrained encoder has no task head; fine-tune it first (cmft finetune RECIPE)")
+    chain = None
+    if assertion is not None:
+        from cmft.chaining import open_chain
+
+        chain = open_chain(loaded, source, assertion, onnx, int8)
     documents = None
     if corpus is not None:
         documents = embed_corpus(loaded, backend, corpus, batch_size)
@@ -82,14 +89,15 @@ def serve(source: Path, host: str = "127.0.0.1", port: int = 8080, onnx: bool = 
     from cmft.serving.batcher import Limits
 
     limits = Limits(max_batch_tokens, max_batch_size, max_wait_ms, batching)
-    settings = Settings(limits, max_texts, int(max_body_mb * 2**20), key, backend.name, documents)
+    settings = Settings(limits, max_texts, int(max_body_mb * 2**20), key, backend.name, documents, chain)
     app = build_app(loaded, backend, settings)
     fast = {"http": "httptools"} if importlib.util.find_spec("httptools") else {}
     fast |= {"loop": "uvloop"} if importlib.util.find_spec("uvloop") else {}
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=DRAIN_SECONDS, **fast)  # fmt: skip
     server = DrainingServer(config)
-    log.info("serving %s (%s, %s) on http://%s:%d%s", loaded.task.name, backend.name,
+    chained = f" + {chain.loaded.task.name} {chain.source}" if chain is not None else ""
+    log.info("serving %s%s (%s, %s) on http://%s:%d%s", loaded.task.name, chained, backend.name,
              getattr(backend, "provider", ""), host, port, " with an API key" if key else "")  # fmt: skip
     server.run()
 

@@ -318,6 +318,7 @@ class AssertionTask(Task):
                      "the manifest)"  # fmt: skip
     description = ("Classifies the assertion status of a marked span of a text (is the finding present, absent, "
                    "possible, ...), reading a window of the text around it.")  # fmt: skip
+    reads_spans = True
     library_name = "cmft"
     card_usage = {"cmft": CARD_USAGE}
     card_adapter = CARD_ADAPTER

@@ -119,6 +119,8 @@ class Task(ABC):
     predicts: ClassVar[bool] = True  # False for a bare encoder: nothing to decode
     searches: ClassVar[bool] = False  # a bi-encoder: `cmft predict --corpus` ranks documents with it
     windowed: ClassVar[bool] = False  # long texts become several windows (units), each predicted
+    gives_spans: ClassVar[bool] = False  # its predictions hold character spans (`spans`): `--assertion` reads them
+    reads_spans: ClassVar[bool] = False  # classifies one span of a text (`input_text` of text, start, end)
     decode_options: ClassVar[dict[str, type]] = {}  # per-request overrides `decode` reads from the manifest
     # `training.learning_rate: auto`: the encoder rate per encoder kind (`tiny`: the encoder `cmft pretrain` makes;
     # `pretrained`: any other) and tuning method, as measured in benchmarks/README.md, "Learning rates".
@@ -336,6 +338,12 @@ class Task(ABC):
         """One record of a jsonl/csv input as the text `encode` reads (`where`: "file: line N" for errors); the text
         field as it is, unless a task reads more of the record (assertion: the span of `start`/`end` marked)."""
         return record[text_field]
+
+    @classmethod
+    def spans(cls, prediction: dict[str, Any]) -> list[dict[str, Any]]:
+        """The span dicts ({start, end, ...}, character offsets) of one decoded prediction, when `gives_spans`: the
+        very dicts of the prediction, so that a chained model (cmft.chaining) adds its fields to them."""
+        return []
 
     @classmethod
     def encode(cls, tokenizer: Any, texts: list[str], meta: dict[str, Any]) -> tuple[list[Unit], dict[str, int]]:

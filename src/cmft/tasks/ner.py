@@ -109,6 +109,7 @@ class NerTask(Task):
     output_meaning = "[batch, sequence, tags] logits per token; a word's tag is argmax at its first sub-token"
     token_level = True
     windowed = True
+    gives_spans = True
     auto_class = AutoModelForTokenClassification
     description = "Tags entity mentions token by token (IOB2), reading long texts in overlapping windows."
     pipeline_tag = "token-classification"
@@ -206,6 +207,10 @@ class NerTask(Task):
     @classmethod
     def decode(cls, meta: dict[str, Any], text: str, outputs: list[np.ndarray], units: list[Unit]) -> dict[str, Any]:
         return {"entities": entities(meta["labels"], text, outputs, units)}
+
+    @classmethod
+    def spans(cls, prediction: dict[str, Any]) -> list[dict[str, Any]]:
+        return prediction["entities"]
 
 
 def word_tags(labels: list[str], windows: list[dict], outputs: list[np.ndarray], n_words: int) -> list[str]:
