@@ -411,7 +411,7 @@ def test_recipes_list_show_and_cp(tmp_path):
     again = run_cmft("recipes", "cp", "note_classification", str(tmp_path))
     assert again.returncode == 2 and "already exists" in again.stderr
     unknown = run_cmft("recipes", "show", "icd_codin")
-    assert unknown.returncode == 2 and "bundled: icd_coding" in unknown.stderr
+    assert unknown.returncode == 2 and "no bundled recipe" in unknown.stderr and " icd_coding," in unknown.stderr
 
 
 @pytest.mark.slow
