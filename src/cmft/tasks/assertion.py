@@ -29,6 +29,7 @@ from cmft.backends import TorchBackend, per_text, run_batches
 from cmft.data.readers import iter_records
 from cmft.errors import CmftError
 from cmft.paths import resolve_path
+from cmft.plots import confusion_plot
 from cmft.recipe import DataConfig, FolderSplit, RecipeBase, TaskSection, TrainingConfig
 from cmft.tasks.base import CARD_EXAMPLE, Task, Unit, load_pretrained
 
@@ -453,7 +454,8 @@ class AssertionTask(Task):
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         (folder / "labels.json").write_text(json.dumps(self.labels, indent=2), encoding="utf-8")
         gold = np.array([row["labels"] for row in self.datasets[split]])
-        _confusion_plot(gold, np.stack(outputs).argmax(-1), self.labels, plots / "confusion_matrix.png")
+        predicted = np.stack(outputs).argmax(-1)
+        confusion_plot(gold, predicted, self.labels, plots / "confusion_matrix.png", cell=0.6, fontsize=7)
 
     # inference --------------------------------------------------------------------------------------
     @classmethod
@@ -563,25 +565,3 @@ def _offset(value: Any) -> Any:
     """A csv cell's offset ("12") as a number; anything else as given, for check_span to judge."""
     return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
-
-def _confusion_plot(gold: np.ndarray, predicted: np.ndarray, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
-
-    matrix = confusion_matrix(gold, predicted, labels=list(range(len(names))))
-    fig, ax = plt.subplots(figsize=(0.6 * len(names) + 3, 0.6 * len(names) + 2.5))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (row, col), value in np.ndenumerate(matrix):
-        if value:
-            ax.text(col, row, str(value), ha="center", va="center", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

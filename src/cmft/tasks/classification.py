@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from cmft.data.readers import Split, read_split
 from cmft.errors import CmftError
 from cmft.metrics import classification_metrics
+from cmft.plots import confusion_plot
 from cmft.recipe import RecipeBase, TaskSection
 from cmft.tasks.base import SPLITS, Task, cut_to
 
@@ -96,7 +97,7 @@ class ClassificationTask(Task):
     def save_extras(self, folder: Path, outputs: list[np.ndarray], split: str, plots: Path) -> None:
         (folder / "labels.json").write_text(json.dumps(self.labels, indent=2), encoding="utf-8")
         labels = np.array([row["labels"] for row in self.datasets[split]])
-        _confusion_plot(labels, np.stack(outputs).argmax(-1), self.labels, plots / "confusion_matrix.png")
+        confusion_plot(labels, np.stack(outputs).argmax(-1), self.labels, plots / "confusion_matrix.png")
 
     # inference --------------------------------------------------------------------------------------
     @classmethod
@@ -109,25 +110,3 @@ class ClassificationTask(Task):
         return {"label": labels[order[0]], "score": round(float(probabilities[order[0]]), 6),
                 "scores": {labels[j]: round(float(probabilities[j]), 6) for j in order[:5]}}  # fmt: skip
 
-
-def _confusion_plot(labels: np.ndarray, predictions: np.ndarray, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
-
-    matrix = confusion_matrix(labels, predictions, labels=list(range(len(names))))
-    fig, ax = plt.subplots(figsize=(0.45 * len(names) + 3, 0.45 * len(names) + 2.5))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (row, col), value in np.ndenumerate(matrix):
-        if value:
-            ax.text(col, row, str(value), ha="center", va="center", fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
