@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from cmft.errors import CmftError
 
@@ -24,6 +24,32 @@ class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TrainingBase(StrictModel):
+    """The `training` keys pretraining and fine-tuning share, with the same meaning and default; each stage's
+    `TrainingConfig` adds its own (epochs, rates, batch size, …)."""
+
+    max_steps: PositiveInt | None = None
+    """Optimizer steps; null trains for `epochs` passes."""
+    gradient_accumulation: PositiveInt = 1
+    max_length: PositiveInt = 512
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    log_every: PositiveInt = 10
+    save_total_limit: PositiveInt = 2
+    divergence_factor: PositiveFloat | None = 10.0
+    """Stop when the smoothed loss exceeds this many times its lowest (NaN/inf always stops); null: off."""
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
+    """Recompute each layer in the backward pass: far less activation memory for about a sixth more time. `auto`:
+    on when a micro-batch's activations at max_length would take more than half the free memory."""
+    report_to: Literal["none"] | Tracker | list[Tracker] = "none"
+    """Experiment tracking through the Trainer's integrations; tensorboard writes into the run folder's tensorboard/."""
+    bf16: Literal["auto", True, False] = "auto"
+    threads: PositiveInt | None = None
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp replicates the model on each process; fsdp shards it (CUDA GPUs only). batch_size
+    stays the global micro-batch, divided across the processes."""
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from cmft.config import AttentionChoice, StrictModel, Tracker
+from cmft.config import AttentionChoice, StrictModel, TrainingBase
 
 
 class EncoderConfig(StrictModel):
@@ -53,39 +53,21 @@ class TuningConfig(StrictModel):
     """Fully trained (and saved with the adapter) besides LoRA; the task head is always included."""
 
 
-class TrainingConfig(StrictModel):
+class TrainingConfig(TrainingBase):
+    """Fine-tuning's `training` section: the shared keys (cmft.config.TrainingBase) and these."""
+
     epochs: PositiveFloat = 3.0
-    max_steps: PositiveInt | None = None
-    """Overrides `epochs` when set (e.g. training.max_steps=5 for a smoke run)."""
     batch_size: PositiveInt = 16
     eval_batch_size: PositiveInt = 32
-    gradient_accumulation: PositiveInt = 1
     learning_rate: PositiveFloat | Literal["auto"] = "auto"
     """The encoder's rate. `auto`: the rate measured for this task and tuning method with the tiny encoder `cmft
     pretrain` makes, or with a real pretrained encoder for any other (benchmarks/README.md, Learning rates)."""
     head_learning_rate: PositiveFloat | None = None
     """A separate (usually higher) rate for the task head; null uses learning_rate."""
-    weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
-    max_length: PositiveInt = 512
     eval_every: PositiveInt | None = None
     """Evaluate on dev every N optimizer steps; null = once per epoch."""
     early_stopping_patience: PositiveInt | None = None
-    log_every: PositiveInt = 10
-    save_total_limit: PositiveInt = 2
-    divergence_factor: PositiveFloat | None = 10.0
-    """Stop when the smoothed loss exceeds this many times its lowest (NaN/inf always stops); null: off."""
-    gradient_checkpointing: Literal["auto", True, False] = "auto"
-    """Recompute each layer in the backward pass: far less activation memory for about a sixth more time. `auto`:
-    on when a micro-batch's activations at max_length would take more than half the free memory."""
-    report_to: Literal["none"] | Tracker | list[Tracker] = "none"
-    """Experiment tracking through the Trainer's integrations; tensorboard writes into the run folder's tensorboard/."""
-    bf16: Literal["auto", True, False] = "auto"
-    threads: PositiveInt | None = None
-    distributed: Literal["ddp", "fsdp"] = "ddp"
-    """Under torchrun: ddp replicates the model on each process; fsdp shards it (CUDA GPUs only). batch_size
-    stays the global micro-batch, divided across the processes."""
 
 
 class TaskSection(StrictModel):

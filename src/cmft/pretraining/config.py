@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from cmft.config import AttentionChoice, StrictModel, Tracker
+from cmft.config import AttentionChoice, StrictModel, TrainingBase
 
 BUNDLED_SOURCES = ("pubmedqa", "mts_dialog_train", "codiesp_train", "icd10cm", "icd9cm")
 
@@ -118,33 +118,15 @@ class MaskingConfig(StrictModel):
         return self
 
 
-class TrainingConfig(StrictModel):
-    max_steps: PositiveInt | None = None
-    """Optimizer steps; null trains for `epochs` passes over the packed corpus."""
+class TrainingConfig(TrainingBase):
+    """Pretraining's `training` section: the shared keys (cmft.config.TrainingBase) and these."""
+
     epochs: PositiveFloat = 1.0
     batch_size: PositiveInt = 8
-    gradient_accumulation: PositiveInt = 1
-    max_length: PositiveInt = 512
     learning_rate: PositiveFloat = 1e-3
-    weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
     max_grad_norm: PositiveFloat = 1.0
-    log_every: PositiveInt = 10
     save_every: PositiveInt = 200
-    save_total_limit: PositiveInt = 2
-    divergence_factor: PositiveFloat | None = 10.0
-    """Stop when the smoothed loss exceeds this many times its lowest (NaN/inf always stops); null: off."""
-    gradient_checkpointing: Literal["auto", True, False] = "auto"
-    """Recompute each layer in the backward pass: far less activation memory for about a sixth more time. `auto`:
-    on when a micro-batch's activations at max_length would take more than half the free memory."""
-    report_to: Literal["none"] | Tracker | list[Tracker] = "none"
-    """Experiment tracking through the Trainer's integrations; tensorboard writes into the run folder's tensorboard/."""
-    bf16: Literal["auto", True, False] = "auto"
-    threads: PositiveInt | None = None
-    distributed: Literal["ddp", "fsdp"] = "ddp"
-    """Under torchrun: ddp replicates the model on each process; fsdp shards it (CUDA GPUs only). batch_size
-    stays the global micro-batch, divided across the processes."""
 
 
 class LongContextConfig(StrictModel):

@@ -564,4 +564,3 @@ def _first_id(tokenizer: Any, *kinds: str) -> int | None:
 def _offset(value: Any) -> Any:
     """A csv cell's offset ("12") as a number; anything else as given, for check_span to judge."""
     return int(value) if isinstance(value, str) and value.strip().isdigit() else value
-

@@ -109,4 +109,3 @@ class ClassificationTask(Task):
         labels = meta["labels"]
         return {"label": labels[order[0]], "score": round(float(probabilities[order[0]]), 6),
                 "scores": {labels[j]: round(float(probabilities[j]), 6) for j in order[:5]}}  # fmt: skip
-

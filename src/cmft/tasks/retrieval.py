@@ -299,5 +299,3 @@ class RetrievalTask(Task):
 def _meta(recipe: RecipeBase) -> dict[str, Any]:
     return {"task": RetrievalTask.name, "max_length": recipe.training.max_length,
             "pooling": RetrievalTask.section_of(recipe).pooling, "normalized": True}  # fmt: skip
-
-
