@@ -8,8 +8,9 @@ import math
 import torch
 from torch import nn
 
-NOT_A_CANDIDATE = -1e4
-"""The logit of a zero-shot code outside a note's candidates: its sigmoid is exactly 0 in fp32."""
+NOT_A_CANDIDATE = -700.0
+"""The logit of a zero-shot code outside a note's candidates: its sigmoid is exactly 0 in fp32, and exp(700) is still
+finite in float64 (a lower logit overflows numpy's sigmoid)."""
 
 
 class LabelAttentionHead(nn.Module):
