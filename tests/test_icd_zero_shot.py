@@ -304,11 +304,17 @@ def test_candidates_are_scored_as_the_dense_head_scores_them(zero_shot_run, smal
         assert torch.allclose(zero_shot_logits[chosen], dense[:, trained:][chosen], rtol=0, atol=1e-5)
         assert torch.allclose(zero_shot_weights[chosen], dense_weights[:, trained:][chosen], rtol=0, atol=1e-6)
         assert (torch.sigmoid(zero_shot_logits[~chosen]) == 0).all() and (zero_shot_weights[~chosen] == 0).all()
+        same, scored, codes = head.attend_rows(states, mask)  # the rows scored in full, as the export gives them
+        assert torch.equal(same, logits) and codes.shape == (3, trained + K) and head.chooses
+        assert torch.equal(codes[:, :trained], torch.arange(trained).expand(3, -1))
+        assert torch.equal(chosen, torch.zeros_like(chosen).scatter(1, codes[:, trained:] - trained, True))
+        assert torch.equal(scored, weights.gather(1, codes[..., None].expand_as(scored)))
         for every in (zero_shot, 100):
             head.candidates = every
             logits, weights = head.attend(states, mask)
             assert torch.allclose(logits, dense, rtol=0, atol=1e-5) and (logits > NOT_A_CANDIDATE).all()
             assert torch.allclose(weights, dense_weights, rtol=0, atol=1e-6)
+            assert not head.chooses and head.attend_rows(states, mask)[2] is None
 
 
 def test_a_model_saved_before_candidates_scores_every_code(zero_shot_run, tmp_path):
@@ -331,13 +337,21 @@ def test_a_model_saved_before_candidates_scores_every_code(zero_shot_run, tmp_pa
 
 
 def test_onnx_export_with_zero_shot_candidates_keeps_parity_and_evidence(zero_shot_run, tmp_path):
-    """The export traces the candidate choice (TopK, gathers, scatters) and passes the parity check on both outputs;
-    on real notes it gives PyTorch's probabilities and evidence: non-candidate zero-shot codes 0, without spans."""
+    """The export traces the candidate choice (TopK, gathers, scatters) and passes the parity check on every output:
+    the attention of the codes scored in full and their code indices, never a [batch, codes, positions] array. On
+    real notes it gives PyTorch's probabilities and evidence: non-candidate zero-shot codes 0, without spans."""
     import onnx
 
     folder, parity = export_run(zero_shot_run, tmp_path / "export")
-    assert parity["passed"] and set(parity["per_output"]) == {"probabilities", "label_attention"}
+    assert parity["passed"] and list(parity["per_output"]) == ["probabilities", "label_attention",
+                                                                "label_attention_codes"]  # fmt: skip
     assert "TopK" in {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
+    loaded = load_export(folder)
+    ids, mask = IcdCodingTask.collate(IcdCodingTask.encode(loaded.tokenizer, ["Chest pain."], loaded.meta)[0], 0,
+                                      loaded.meta)  # fmt: skip
+    probabilities, weights, codes = OnnxBackend(folder / "model.onnx").outputs(ids, mask)
+    trained = probabilities.shape[1] - len(loaded.meta["icd"]["zero_shot_labels"])
+    assert weights.shape == (1, trained + K, ids.shape[1]) and codes.shape == (1, trained + K)
     texts, results = [row["text"] for row in _rows("test", 4)], {}
     for name, loaded in (("torch", load_run(zero_shot_run)), ("onnx", load_export(folder))):
         loaded.meta = {**loaded.meta, "threshold": 0.0, "evidence": {"k": 2, "method": "attention"}}  # every code

@@ -39,29 +39,41 @@ class LabelAttentionHead(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """states [B, T, H], mask [B, T] (True on real tokens) → logits [B, L]."""
-        return self._attend(states, mask, keep_weights=False)[0]
+        return self.attend_rows(states, mask)[0]
+
+    @property
+    def chooses(self) -> bool:
+        """Whether each note scores only some of the zero-shot rows (fewer candidates than rows)."""
+        return self.candidates is not None and self.candidates < self.zero_shot
 
     def attend(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, L] and each label's attention over the tokens [B, L, T] (0 on padding and for zero-shot rows
         outside the candidates; ICD evidence)."""
-        logits, weights = self._attend(states, mask, keep_weights=True)
-        assert weights is not None
-        return logits, weights
+        logits, weights, rows = self.attend_rows(states, mask)
+        if rows is None:
+            return logits, weights
+        every = weights.new_zeros((weights.shape[0], logits.shape[1], weights.shape[2]))
+        return logits, every.scatter(1, rows[..., None].expand_as(weights), weights)
 
-    def _attend(self, states: torch.Tensor, mask: torch.Tensor, keep_weights: bool
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    def attend_rows(self, states: torch.Tensor, mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Logits [B, L], the attention [B, R, T] of the R labels scored in full and their label indices [B, R]: the
+        trained rows and each note's zero-shot candidates when the head `chooses`, else every label (indices None)."""
         hidden = torch.tanh(self.project(states))
-        if not self.zero_shot or self.candidates is None:  # every row densely
+        if not self.zero_shot or self.candidates is None:  # every row as a trained one
             scores = self.label_queries(hidden).transpose(1, 2).float()
-            return _label_attention(scores, states, mask, self.output_weight, self.output_bias)
+            return (*_label_attention(scores, states, mask, self.output_weight, self.output_bias), None)
         trained = self.output_bias.shape[0] - self.zero_shot
         queries, weight, bias = self.label_queries.weight, self.output_weight, self.output_bias
         scores = nn.functional.linear(hidden, queries[:trained]).transpose(1, 2).float()
         logits, weights = _label_attention(scores, states, mask, weight[:trained], bias[:trained])
-        extra, extra_weights = candidate_attention(hidden, states, mask, queries[trained:], weight[trained],
-                                                   bias[trained:], self.candidates, keep_weights)  # fmt: skip
-        both = torch.cat([weights, extra_weights], 1) if extra_weights is not None else None
-        return torch.cat([logits, extra], 1), both
+        extra, extra_weights, chosen = candidate_attention(hidden, states, mask, queries[trained:], weight[trained],
+                                                           bias[trained:], self.candidates)  # fmt: skip
+        logits, weights = torch.cat([logits, extra], 1), torch.cat([weights, extra_weights], 1)
+        if chosen is None:
+            return logits, weights, None
+        first = torch.arange(trained, device=chosen.device).expand(chosen.shape[0], -1)
+        return logits, weights, torch.cat([first, chosen + trained], 1)
 
 
 def _label_attention(scores: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
@@ -87,12 +99,12 @@ def candidate_scores(hidden: torch.Tensor, evidence: torch.Tensor, mask: torch.T
 
 
 def candidate_attention(hidden: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor,
-                        weight: torch.Tensor, bias: torch.Tensor, candidates: int, keep_weights: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """Logits [B, Z] of zero-shot rows that share the output weight `weight` [H]: for each note's `candidates` best
-    rows (`candidate_scores`; all rows when there are no more) Σ_t a_zt (w̄ · h_t) + b_z, which needs no [Z, T, H]
-    product; NOT_A_CANDIDATE for the others. With `keep_weights`, their attention [B, Z, T] (zeros outside the
-    candidates), else None."""
+                        weight: torch.Tensor, bias: torch.Tensor, candidates: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Zero-shot rows that share the output weight `weight` [H]: logits [B, Z], the attention [B, K, T] of each note's
+    `candidates` (K) best rows (`candidate_scores`) and their indices [B, K]; every row (K = Z, indices None) when
+    there are no more. A candidate's logit is Σ_t a_zt (w̄ · h_t) + b_z, with no [K, T, H] product; the others get
+    NOT_A_CANDIDATE."""
     evidence = states.float() @ weight.float()  # [B, T]: w̄ · h_t
     real = mask.bool()
     rows, chosen = queries.shape[0], None
@@ -105,12 +117,8 @@ def candidate_attention(hidden: torch.Tensor, states: torch.Tensor, mask: torch.
     weights = scores.masked_fill(~real[:, None, :], torch.finfo(torch.float32).min).softmax(dim=-1)
     logits = (weights @ evidence[..., None]).squeeze(-1) + bias.float()
     if chosen is None:
-        return logits, weights if keep_weights else None
-    every = logits.new_full((logits.shape[0], rows), NOT_A_CANDIDATE).scatter(1, chosen, logits)
-    if not keep_weights:
-        return every, None
-    spread = weights.new_zeros((weights.shape[0], rows, weights.shape[2]))
-    return every, spread.scatter(1, chosen[..., None].expand_as(weights), weights)
+        return logits, weights, None
+    return logits.new_full((logits.shape[0], rows), NOT_A_CANDIDATE).scatter(1, chosen, logits), weights, chosen
 
 
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

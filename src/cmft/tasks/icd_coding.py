@@ -151,11 +151,7 @@ class IcdCodingTask(Task):
     section = IcdCodingConfig
     metric_for_best = "micro_f1"
     output = "probabilities"
-    output_meaning = (
-        "[batch, codes] probabilities (label-wise attention included); codes at or above the manifest's "
-        "`threshold` are predicted. With label attention a second output, `label_attention` [batch, codes, "
-        "positions]: each code's attention over the note's tokens (what `cmft predict --evidence` reads)"
-    )
+    output_meaning = icd_evidence.OUTPUT_MEANING
     learning_rates = {"tiny": {"full": 3e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
     decode_options = {"threshold": float, "top_k": int}  # a request may set its own (cmft serve)
     exported = classmethod(icd_evidence.exported_with_attention)  # and the label attention, for evidence
