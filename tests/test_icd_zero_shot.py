@@ -307,6 +307,7 @@ def test_candidates_are_scored_as_the_dense_head_scores_them(zero_shot_run, smal
         same, scored, codes = head.attend_rows(states, mask)  # the rows scored in full, as the export gives them
         assert torch.equal(same, logits) and codes.shape == (3, trained + K) and head.chooses
         assert torch.equal(codes[:, :trained], torch.arange(trained).expand(3, -1))
+        assert (codes[:, trained:].diff(dim=1) > 0).all()  # in code order, whatever the order of their scores
         assert torch.equal(chosen, torch.zeros_like(chosen).scatter(1, codes[:, trained:] - trained, True))
         assert torch.equal(scored, weights.gather(1, codes[..., None].expand_as(scored)))
         for every in (zero_shot, 100):

@@ -102,14 +102,15 @@ def candidate_attention(hidden: torch.Tensor, states: torch.Tensor, mask: torch.
                         weight: torch.Tensor, bias: torch.Tensor, candidates: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Zero-shot rows that share the output weight `weight` [H]: logits [B, Z], the attention [B, K, T] of each note's
-    `candidates` (K) best rows (`candidate_scores`) and their indices [B, K]; every row (K = Z, indices None) when
-    there are no more. A candidate's logit is Σ_t a_zt (w̄ · h_t) + b_z, with no [K, T, H] product; the others get
-    NOT_A_CANDIDATE."""
+    `candidates` (K) best rows (`candidate_scores`) and their indices [B, K], ascending; every row (K = Z, indices
+    None) when there are no more. A candidate's logit is Σ_t a_zt (w̄ · h_t) + b_z, with no [K, T, H] product; the
+    others get NOT_A_CANDIDATE."""
     evidence = states.float() @ weight.float()  # [B, T]: w̄ · h_t
     real = mask.bool()
     rows, chosen = queries.shape[0], None
     if candidates < rows:
         chosen = candidate_scores(hidden, evidence, real, queries, bias).topk(candidates, dim=1).indices  # [B, K]
+        chosen = chosen.sort(dim=1).values  # in code order: the order of near-equal scores is float noise
         scores = (queries[chosen].to(hidden.dtype) @ hidden.transpose(1, 2)).float()  # [B, K, T]
         bias = bias[chosen]
     else:
