@@ -1,5 +1,6 @@
-"""Codes never seen in train: descriptions from the user's file, zero-shot codes scored from them after training,
-their own threshold, and a model folder that carries all of it (predict never reads the descriptions file)."""
+"""Codes never seen in train: descriptions from the user's file, zero-shot codes scored from them after training (each
+note's candidates in full, as the dense head scores them), their own threshold, and a model folder that carries all of
+it (predict never reads the descriptions file), ONNX export included."""
 
 from __future__ import annotations
 
@@ -299,7 +300,7 @@ def test_candidates_are_scored_as_the_dense_head_scores_them(zero_shot_run, smal
             for scale in (0.1, 0.01):
                 exact = (scale * z @ queries.T).softmax(0).T @ s - s.mean()
                 errors.append(float((exact - scale * queries @ ((s - s.mean()) @ z / len(s))).abs().max()))
-        assert all(small < large / 30 for large, small in zip(errors[::2], errors[1::2], strict=True)), errors
+        assert all(fine < coarse / 30 for coarse, fine in zip(errors[::2], errors[1::2], strict=True)), errors
         zero_shot_logits, zero_shot_weights = logits[:, trained:], weights[:, trained:]
         assert torch.allclose(zero_shot_logits[chosen], dense[:, trained:][chosen], rtol=0, atol=1e-5)
         assert torch.allclose(zero_shot_weights[chosen], dense_weights[:, trained:][chosen], rtol=0, atol=1e-6)
