@@ -1,23 +1,30 @@
-"""Codes never seen in train: descriptions from the user's file, zero-shot codes scored from them after training,
-their own threshold, and a model folder that carries all of it (predict never reads the descriptions file)."""
+"""Codes never seen in train: descriptions from the user's file, zero-shot codes scored from them after training (each
+note's candidates in full, as the dense head scores them), their own threshold, and a model folder that carries all of
+it (predict never reads the descriptions file), ONNX export included."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from cmft.backends import OnnxBackend, TorchBackend
 from cmft.errors import CmftError
 from cmft.evaluation import evaluate_run
+from cmft.export import export_run
 from cmft.finetuning.run import finetune, load_recipe
-from cmft.inference import open_source, predict_texts
+from cmft.heads import NOT_A_CANDIDATE, candidate_scores
+from cmft.inference import load_export, load_run, open_source, predict_texts
 from cmft.tasks import get_task
+from cmft.tasks.icd_batches import IcdModule
 from cmft.tasks.icd_coding import IcdCoder, IcdCodingTask
 from cmft.tasks.icd_descriptions import description_queries, read_descriptions, scaled
 from cmft.tasks.icd_labels import normalize_code
@@ -25,6 +32,7 @@ from cmft.tasks.icd_metrics import code_thresholds
 from cmft.tasks.icd_zero_shot import choose_zero_shot_threshold, zero_shot_codes
 from tests.conftest import REPO
 
+K = 3  # icd_coding.label_space.zero_shot_candidates of the zero-shot run: fewer than its zero-shot codes
 QUICK = ["training.max_steps=2", "training.eval_every=2", "training.max_length=64", "training.threads=2",
          "training.learning_rate=0.01", "icd_coding.attention_dim=16",
          "icd_coding.label_space.min_train_count=2"]  # fmt: skip
@@ -73,13 +81,32 @@ def _overrides(small: dict, encoder: Path, zero_shot: bool) -> list[str]:
     files = small["files"]
     return [f"model.encoder={encoder}", f"data.train={files['train']}", f"data.dev={files['dev']}",
             f"data.test={files['test']}", f"icd_coding.descriptions={files['descriptions']}",
-            f"icd_coding.label_space.zero_shot={str(zero_shot).lower()}", *QUICK]  # fmt: skip
+            f"icd_coding.label_space.zero_shot={str(zero_shot).lower()}",
+            f"icd_coding.label_space.zero_shot_candidates={K}", *QUICK]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def zero_shot_run(small, tiny_encoder, tmp_path_factory) -> Path:
     return finetune("icd_coding", _overrides(small, tiny_encoder, True),
                     output_dir=tmp_path_factory.mktemp("zero_shot") / "run")  # fmt: skip
+
+
+def _attend_before(head: nn.Module, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LabelAttentionHead.attend as it was before zero-shot candidates: every row densely, with its own weight."""
+    hidden = torch.tanh(head.project(states))
+    scores = head.label_queries(hidden).transpose(1, 2).float()
+    scores = scores.masked_fill(~mask[:, None, :].bool(), torch.finfo(torch.float32).min)
+    weights = scores.softmax(dim=-1)
+    label_states = weights @ states.float()
+    return (label_states * head.output_weight.float()).sum(-1) + head.output_bias.float(), weights
+
+
+def _states(coder: nn.Module, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token states and mask that the head of `coder` sees for `texts`, padded into one batch as predict pads."""
+    meta = {"icd": coder.settings}
+    ids, mask = IcdCodingTask.collate(IcdCodingTask.encode(coder.tokenizer, texts, meta)[0], 0, meta)
+    with torch.no_grad():
+        return IcdModule(coder).states(torch.from_numpy(ids), torch.from_numpy(mask))
 
 
 def test_descriptions_file_header_optional_gzip_and_codes_normalised(tmp_path):
@@ -151,6 +178,13 @@ def test_zero_shot_off_keeps_the_label_space_and_the_model(small, tiny_encoder):
     assert task.finish_model(model, tokenizer) is model and task.labels == small["trained"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert task.settings["zero_shot_labels"] == [] and "n_zero_shot_labels" not in task.report
+    model.eval().tokenizer = tokenizer
+    states, mask = _states(model, [row["text"] for row in _rows("test", 3)])
+    expected, weights = _attend_before(model.head, states, mask)
+    with torch.no_grad():  # the logits and attention of before, to the last bit
+        got, got_weights = model.head.attend(states, mask)
+        assert torch.equal(got, expected) and torch.equal(got_weights, weights)
+        assert torch.equal(model.head(states, mask), expected)
 
 
 def test_zero_shot_codes_from_the_users_file_are_in_the_saved_model(zero_shot_run, small, tiny_encoder):
@@ -236,3 +270,100 @@ def test_lora_adapter_gets_the_zero_shot_rows(tiny_encoder, tmp_path):
     with torch.no_grad():
         expected, got = merged.eval()(**batch)["logits"], adapted(**batch)["logits"]
     assert got.shape == (1, 5) and torch.allclose(expected, got, atol=1e-5)
+
+
+def test_candidates_are_scored_as_the_dense_head_scores_them(zero_shot_run, small):
+    """Each note scores its K best zero-shot codes (candidate_scores) with the full attention, through the shared
+    output weight: their logits and attention are the dense head's; the other zero-shot codes get probability 0 and
+    no attention; the trained codes are scored as before. K ≥ the zero-shot codes: every code as the dense head."""
+    coder = IcdCoder.from_pretrained(zero_shot_run / "model")
+    head, trained, zero_shot = coder.head, len(small["trained"]), len(small["zero_shot"])
+    assert (head.zero_shot, head.candidates) == (zero_shot, K) and zero_shot > K
+    states, mask = _states(coder, [row["text"] for row in _rows("test", 3)])
+    dense, dense_weights = _attend_before(head, states, mask)
+    with torch.no_grad():
+        logits, weights = head.attend(states, mask)
+        assert torch.equal(head(states, mask), logits)
+        assert torch.allclose(logits[:, :trained], dense[:, :trained], rtol=0, atol=1e-6)
+        assert torch.allclose(weights[:, :trained], dense_weights[:, :trained], rtol=0, atol=1e-6)
+        chosen = logits[:, trained:] > NOT_A_CANDIDATE
+        assert chosen.sum(1).tolist() == [K] * 3
+        hidden, evidence = torch.tanh(head.project(states)), states @ head.output_weight[trained]
+        cheap = candidate_scores(hidden, evidence, mask.bool(), head.label_queries.weight[trained:],
+                                 head.output_bias[trained:])  # fmt: skip
+        assert torch.equal(chosen, torch.zeros_like(chosen).scatter(1, cheap.topk(K).indices, True))
+        queries, bias = head.label_queries.weight[trained:], head.output_bias[trained:]
+        errors = []  # the cheap score: b_z + u_z · Σ_t (s_t − s̄) z_t / T, the dense logit less s̄ to first order in u
+        for row, real in enumerate(mask.bool()):
+            z, s = hidden[row, real], evidence[row, real]
+            assert torch.allclose(cheap[row], queries @ ((s - s.mean()) @ z / len(s)) + bias, rtol=0, atol=1e-5)
+            for scale in (0.1, 0.01):
+                exact = (scale * z @ queries.T).softmax(0).T @ s - s.mean()
+                errors.append(float((exact - scale * queries @ ((s - s.mean()) @ z / len(s))).abs().max()))
+        assert all(fine < coarse / 30 for coarse, fine in zip(errors[::2], errors[1::2], strict=True)), errors
+        zero_shot_logits, zero_shot_weights = logits[:, trained:], weights[:, trained:]
+        assert torch.allclose(zero_shot_logits[chosen], dense[:, trained:][chosen], rtol=0, atol=1e-5)
+        assert torch.allclose(zero_shot_weights[chosen], dense_weights[:, trained:][chosen], rtol=0, atol=1e-6)
+        assert (torch.sigmoid(zero_shot_logits[~chosen]) == 0).all() and (zero_shot_weights[~chosen] == 0).all()
+        same, scored, codes = head.attend_rows(states, mask)  # the rows scored in full, as the export gives them
+        assert torch.equal(same, logits) and codes.shape == (3, trained + K) and head.chooses
+        assert torch.equal(codes[:, :trained], torch.arange(trained).expand(3, -1))
+        assert (codes[:, trained:].diff(dim=1) > 0).all()  # in code order, whatever the order of their scores
+        assert torch.equal(chosen, torch.zeros_like(chosen).scatter(1, codes[:, trained:] - trained, True))
+        assert torch.equal(scored, weights.gather(1, codes[..., None].expand_as(scored)))
+        for every in (zero_shot, 100):
+            head.candidates = every
+            logits, weights = head.attend(states, mask)
+            assert torch.allclose(logits, dense, rtol=0, atol=1e-5) and (logits > NOT_A_CANDIDATE).all()
+            assert torch.allclose(weights, dense_weights, rtol=0, atol=1e-6)
+            assert not head.chooses and head.attend_rows(states, mask)[2] is None
+
+
+def test_a_model_saved_before_candidates_scores_every_code(zero_shot_run, tmp_path):
+    """A folder without zero_shot_candidates (saved before it existed) loads and scores every zero-shot code densely,
+    as it did; evaluate reads it the same way."""
+    old = tmp_path / "old"
+    shutil.copytree(zero_shot_run, old, ignore=shutil.ignore_patterns("checkpoints"))
+    for name in ("icd_coding.json", "cmft_task.json"):
+        settings = json.loads((old / "model" / name).read_text())
+        (settings.get("icd") or settings).pop("zero_shot_candidates")
+        (old / "model" / name).write_text(json.dumps(settings))
+    coder = IcdCoder.from_pretrained(old / "model")
+    assert coder.head.candidates is None and coder.head.zero_shot > K
+    states, mask = _states(coder, [row["text"] for row in _rows("test", 3)])
+    with torch.no_grad():
+        expected, weights = _attend_before(coder.head, states, mask)
+        got, got_weights = coder.head.attend(states, mask)
+        assert torch.equal(got, expected) and torch.equal(got_weights, weights)
+    assert evaluate_run(old, "dev")["n_zero_shot_labels"] == coder.head.zero_shot
+
+
+def test_onnx_export_with_zero_shot_candidates_keeps_parity_and_evidence(zero_shot_run, tmp_path):
+    """The export traces the candidate choice (TopK, gathers, scatters) and passes the parity check on every output:
+    the attention of the codes scored in full and their code indices, never a [batch, codes, positions] array. On
+    real notes it gives PyTorch's probabilities and evidence: non-candidate zero-shot codes 0, without spans."""
+    import onnx
+
+    folder, parity = export_run(zero_shot_run, tmp_path / "export")
+    assert parity["passed"] and list(parity["per_output"]) == ["probabilities", "label_attention",
+                                                                "label_attention_codes"]  # fmt: skip
+    assert "TopK" in {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
+    loaded = load_export(folder)
+    ids, mask = IcdCodingTask.collate(IcdCodingTask.encode(loaded.tokenizer, ["Chest pain."], loaded.meta)[0], 0,
+                                      loaded.meta)  # fmt: skip
+    probabilities, weights, codes = OnnxBackend(folder / "model.onnx").outputs(ids, mask)
+    trained = probabilities.shape[1] - len(loaded.meta["icd"]["zero_shot_labels"])
+    assert weights.shape == (1, trained + K, ids.shape[1]) and codes.shape == (1, trained + K)
+    texts, results = [row["text"] for row in _rows("test", 4)], {}
+    for name, loaded in (("torch", load_run(zero_shot_run)), ("onnx", load_export(folder))):
+        loaded.meta = {**loaded.meta, "threshold": 0.0, "evidence": {"k": 2, "method": "attention"}}  # every code
+        backend = OnnxBackend(folder / "model.onnx") if name == "onnx" else TorchBackend(loaded.module)
+        results[name], _ = predict_texts(loaded, loaded.task.evidence_backend(loaded, backend, "attention"), texts)
+    for torch_result, onnx_result in zip(results["torch"], results["onnx"], strict=True):
+        by_code = {code["code"]: code for code in onnx_result["codes"]}
+        for code in torch_result["codes"]:
+            assert abs(code["probability"] - by_code[code["code"]]["probability"]) <= 1e-4
+            assert bool(code["evidence"]) == bool(by_code[code["code"]]["evidence"])
+        zero_shot = [code for code in torch_result["codes"] if code.get("zero_shot")]
+        candidates = [code for code in zero_shot if code["evidence"]]
+        assert len(candidates) == K and all(code["probability"] == 0 for code in zero_shot if not code["evidence"])

@@ -82,7 +82,8 @@ class IcdCoder(nn.Module):
         self.settings = settings
         hidden, labels = encoder.config.hidden_size, len(settings["labels"])
         if settings["head"] == "label_attention":
-            self.head: nn.Module = LabelAttentionHead(hidden, labels, settings["attention_dim"])
+            zero_shot, candidates = len(settings.get("zero_shot_labels") or ()), settings.get("zero_shot_candidates")
+            self.head: nn.Module = LabelAttentionHead(hidden, labels, settings["attention_dim"], zero_shot, candidates)
         else:
             self.head = PooledHead(hidden, labels)
 
@@ -150,11 +151,7 @@ class IcdCodingTask(Task):
     section = IcdCodingConfig
     metric_for_best = "micro_f1"
     output = "probabilities"
-    output_meaning = (
-        "[batch, codes] probabilities (label-wise attention included); codes at or above the manifest's "
-        "`threshold` are predicted. With label attention a second output, `label_attention` [batch, codes, "
-        "positions]: each code's attention over the note's tokens (what `cmft predict --evidence` reads)"
-    )
+    output_meaning = icd_evidence.OUTPUT_MEANING
     learning_rates = {"tiny": {"full": 3e-4, "lora": 1e-3}, "pretrained": {"full": 5e-5, "lora": 1e-3}}
     decode_options = {"threshold": float, "top_k": int}  # a request may set its own (cmft serve)
     exported = classmethod(icd_evidence.exported_with_attention)  # and the label attention, for evidence
@@ -176,6 +173,7 @@ class IcdCodingTask(Task):
         self.descriptions: dict[str, str] = {}  # code → description (icd_coding.descriptions), read for training only
         self.zero_shot_labels: list[str] = []  # the last labels: scored from descriptions, added after training
         self.zero_shot_threshold: float | None = None
+        self.zero_shot_candidates: int | None = None  # zero-shot codes scored in full per note (None: all)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -186,6 +184,7 @@ class IcdCodingTask(Task):
             "max_length": self.recipe.training.max_length, "level": o.label_space.level,
             "code_thresholds": self.code_thresholds, "train_code_counts": self.train_counts,
             "zero_shot_labels": self.zero_shot_labels, "zero_shot_threshold": self.zero_shot_threshold,
+            "zero_shot_candidates": self.zero_shot_candidates,
         }  # fmt: skip
 
     def tokens_per_pass(self) -> tuple[int, str]:
@@ -292,6 +291,7 @@ class IcdCodingTask(Task):
         self.code_thresholds = meta["icd"].get("code_thresholds") or {}
         self.zero_shot_labels = list(meta["icd"].get("zero_shot_labels", []))
         self.zero_shot_threshold = meta["icd"].get("zero_shot_threshold")
+        self.zero_shot_candidates = meta["icd"].get("zero_shot_candidates")  # None in models saved before it existed
 
     def load_model(self, folder: Path) -> nn.Module:
         coder = IcdCoder.from_pretrained(folder)

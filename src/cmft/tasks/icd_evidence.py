@@ -16,7 +16,10 @@ heaviest spans: [{"start", "end", "weight"}], character offsets into the note (t
 
 ONNX. `cmft export` traces `AttentionModule` for a label-attention head: the graph's second output,
 `label_attention` [batch, codes, positions], holds a_l, so `cmft predict --onnx --evidence` gives the spans PyTorch
-gives. The attention is computed for the probabilities anyway; a plain prediction does not fetch it.
+gives. The attention is computed for the probabilities anyway; a plain prediction does not fetch it. A head that
+scores each note's zero-shot candidates only (cmft.heads.LabelAttentionHead.chooses) gives the attention of the codes
+it scored, [batch, rows, positions], and a third output, `label_attention_codes` [batch, rows], each row's code index
+(the other codes have none: no evidence), so that the graph never holds a [batch, codes, positions] array of zeros.
 
 Memory. A batch's attention is [batch, codes, positions]; `EvidenceBackend` keeps, per note, only the rows of the
 codes that `decode` will give (threshold and top_k of the request), so nothing larger outlives the forward pass.
@@ -38,6 +41,13 @@ from cmft.tasks.icd_metrics import code_thresholds
 METHODS = ("attention", "attention_x_gradient")
 WORDS_PER_SPAN = 3
 OUTPUT = "label_attention"
+CODES = "label_attention_codes"  # with zero-shot candidates: the code index of each label_attention row
+OUTPUT_MEANING = (
+    "[batch, codes] probabilities (label-wise attention included); codes at or above the manifest's `threshold` are "
+    f"predicted. With label attention a second output, `{OUTPUT}` [batch, codes, positions]: each code's attention "
+    "over the note's tokens (what `cmft predict --evidence` reads); with zero-shot candidates, [batch, rows, "
+    f"positions] for the codes scored in full, and a third output, `{CODES}` [batch, rows], their code indices"
+)
 
 
 def predicted_codes(probabilities: np.ndarray, meta: dict[str, Any]) -> list[int]:
@@ -51,22 +61,25 @@ def predicted_codes(probabilities: np.ndarray, meta: dict[str, Any]) -> list[int
 
 # the model ----------------------------------------------------------------------------------------------------
 class AttentionModule(nn.Module):
-    """An IcdModule's probabilities [B, L] and its label attention [B, L, T] (T: IcdModule.states' positions)."""
+    """An IcdModule's probabilities [B, L] and its label attention [B, L, T] (T: IcdModule.states' positions); when
+    the head chooses zero-shot candidates, the attention [B, R, T] of the R codes scored in full and their indices."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, weights = self.module.coder.head.attend(*self.module.states(input_ids, attention_mask))
-        return torch.sigmoid(logits), weights
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, weights, codes = self.module.coder.head.attend_rows(*self.module.states(input_ids, attention_mask))
+        return (torch.sigmoid(logits), weights) if codes is None else (torch.sigmoid(logits), weights, codes)
 
 
 def exported_with_attention(cls: type, module: nn.Module, meta: dict[str, Any]) -> tuple[nn.Module, dict]:
-    """IcdCodingTask.exported: a label-attention model's graph also outputs the attention (`label_attention`)."""
+    """IcdCodingTask.exported: a label-attention model's graph also outputs the attention (`label_attention`, and
+    `label_attention_codes` when its head chooses zero-shot candidates)."""
     if meta["icd"]["head"] != "label_attention":
         return module, {cls.output: {0: "batch"}}
-    return AttentionModule(module), {cls.output: {0: "batch"}, OUTPUT: {0: "batch", 2: "positions"}}
+    outputs = {cls.output: {0: "batch"}, OUTPUT: {0: "batch", 2: "positions"}}
+    return AttentionModule(module), outputs | ({CODES: {0: "batch"}} if module.coder.head.chooses else {})
 
 
 def evidence_backend(cls: type, loaded: Any, backend: Any, method: str) -> EvidenceBackend:
@@ -94,19 +107,23 @@ def evidence_backend(cls: type, loaded: Any, backend: Any, method: str) -> Evide
 
 
 class EvidenceBackend:
-    """Rows of (probabilities [L], {code index: weight per position}) for the codes `decode` gives under `meta`."""
+    """Rows of (probabilities [L], {code index: weight per position}) for the codes `decode` gives under `meta`; a
+    code without an attention row (a zero-shot code outside the note's candidates) weighs 0 everywhere."""
 
     def __init__(self, backend: Any, meta: dict[str, Any], compute: Any):
         self.name, self.provider = backend.name, backend.provider
         self.meta, self.compute = meta, compute
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[tuple[np.ndarray, dict]]:
-        probabilities, weights = self.compute(input_ids, attention_mask)
+        probabilities, weights, *codes = self.compute(input_ids, attention_mask)  # codes: CODES, when there is one
         rows = []
         for row, row_probabilities in enumerate(probabilities):
             end = int(np.flatnonzero(attention_mask[row].reshape(-1)).max()) + 1  # the note's last position
-            kept = {j: np.asarray(weights[row, j, :end], dtype=np.float32) for j in predicted_codes(row_probabilities,
-                    self.meta)}  # fmt: skip
+            place = {int(code): r for r, code in enumerate(codes[0][row])} if codes else None
+            kept = {}
+            for j in predicted_codes(row_probabilities, self.meta):
+                r = j if place is None else place.get(j)
+                kept[j] = np.zeros(end, np.float32) if r is None else np.asarray(weights[row, r, :end], np.float32)
             rows.append((row_probabilities, kept))
         return rows
 

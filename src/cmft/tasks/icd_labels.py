@@ -22,6 +22,9 @@ class LabelSpaceConfig(StrictModel):
     zero_shot: bool = False
     """Also score codes never in the label space: each code of `descriptions` in the 3-character category of a trained
     code, from its description through the fine-tuned encoder, added after training (cmft.tasks.icd_zero_shot)."""
+    zero_shot_candidates: PositiveInt | None = 512
+    """Per note, score only this many zero-shot codes with the full label attention: those a cheap first-order score
+    ranks first (cmft.heads.candidate_scores); the others get probability 0. null: every zero-shot code in full."""
 
 
 def normalize_code(code: str, level: str = "code") -> str:

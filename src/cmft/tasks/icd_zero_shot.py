@@ -19,6 +19,13 @@ the trained codes' mean train log-odds: rarer than a trained code by as much as 
 with a small ModernBERT, the mean of all trained output weights ranked zero-shot codes better than the mean of each
 code's trained siblings: micro AUC 0.848 against 0.815, average precision 0.0055 against 0.0034.)
 
+Candidates (label_space.zero_shot_candidates, K): each note scores only K zero-shot codes with the full attention,
+those that cmft.heads.candidate_scores ranks first: b_z + u_z · Σ_t (s_t − s̄) z_t / T with s_t = w̄ · h_t, the
+zero-shot logit to first order in the attention scores, at a cost of Z × D per note instead of Z × T × D. The others
+get probability 0 (and no attention: no evidence). Because every w_z is w̄, a candidate's logit is Σ_t a_zt (w̄ · h_t)
++ b_z, with no [Z, T, H] product. The head keeps the count of zero-shot rows and K (the model's settings:
+zero_shot_candidates); a model saved before K existed scores every zero-shot code in full, as it did.
+
 Threshold: the trained codes keep theirs, tuned on dev; the zero-shot codes get one of their own, chosen on dev once
 they are added: of the threshold grid, the trained codes' global threshold, the zero-shot probabilities of dev's gold
 zero-shot codes and 1.0 (as good as never), the one with the best dev micro F1 over all gold codes. Zero-shot codes
@@ -62,6 +69,8 @@ def add_zero_shot_codes(task: Any, coder: nn.Module, tokenizer: Any) -> None:
         weights = head.output_weight.mean(0).expand(len(codes), -1)
         biases = torch.tensor(_zero_shot_biases(task, codes, head.output_bias.detach().cpu().numpy()))
     _append_rows(head, queries, weights, biases.to(head.output_bias))
+    head.zero_shot, head.candidates = len(codes), task.options.label_space.zero_shot_candidates
+    task.zero_shot_candidates = head.candidates
     task.labels = trained + codes
     task.zero_shot_labels = codes
     task.zero_shot_threshold = task.threshold
