@@ -367,3 +367,35 @@ def test_onnx_export_with_zero_shot_candidates_keeps_parity_and_evidence(zero_sh
         zero_shot = [code for code in torch_result["codes"] if code.get("zero_shot")]
         candidates = [code for code in zero_shot if code["evidence"]]
         assert len(candidates) == K and all(code["probability"] == 0 for code in zero_shot if not code["evidence"])
+
+
+def _candidate_outputs(codes: np.ndarray, trained: int = 2, positions: int = 4) -> list[np.ndarray]:
+    """probabilities [B, L], label_attention [B, R, T] and label_attention_codes [B, R], each row's attention and
+    each code's probability a function of its code, as two back ends that agree on every code they both score give."""
+    rows, width = codes.shape
+    probabilities = np.zeros((rows, 20), dtype=np.float32)
+    attention = np.zeros((rows, width, positions), dtype=np.float32)
+    for row in range(rows):
+        probabilities[row, codes[row]] = 0.01 * codes[row] + 0.1
+        attention[row] = (codes[row][:, None] + np.arange(positions)) / 100.0
+    return [probabilities, attention, codes.copy()]
+
+
+def test_parity_tolerates_a_near_tie_at_the_last_candidate_but_not_other_differences():
+    names = ["probabilities", "label_attention", "label_attention_codes"]
+    torch_codes = np.array([[0, 1, 5, 7, 9], [0, 1, 3, 4, 6]])
+    onnx_codes = np.array([[0, 1, 5, 8, 9], [0, 1, 3, 4, 6]])  # row 0: code 7 (PyTorch) and 8 (onnxruntime) swap
+    want, have = _candidate_outputs(torch_codes), _candidate_outputs(onnx_codes)
+    shown_want, shown_have, counts = IcdCodingTask.parity_view(names, want, have)
+    assert counts == {"candidate_swaps": 1}
+    for a, b in zip(shown_want, shown_have, strict=True):  # the swapped codes left out, everything else equal
+        np.testing.assert_array_equal(a, b)
+    assert want[2][0, 3] == 7 and have[2][0, 3] == 8  # the outputs themselves untouched
+    before = [np.abs(a.astype(np.float64) - b).max() for a, b in zip(want, have, strict=True)]
+    assert min(before) > 1e-3 and max(before) >= 1  # compared as they are, the swap fails parity
+
+    wholly_other = np.array([[0, 1, 10, 11, 12], [0, 1, 13, 14, 15]])  # not a near-tie: different candidates
+    shown_want, shown_have, counts = IcdCodingTask.parity_view(names, want, _candidate_outputs(wholly_other))
+    assert counts == {"candidate_swaps": 6}
+    assert np.abs(shown_want[2] - shown_have[2]).max() > 0  # compared as they are: parity fails
+    assert IcdCodingTask.parity_view(names[:2], want[:2], have[:2])[2] == {}  # no candidates: nothing to align

@@ -127,8 +127,8 @@ def _export_into(loaded: Loaded, work: Path, config: ExportConfig, quantize: str
     reference_backend = TorchBackend(task.exported(reference.module, reference.meta)[0])
     ran = reference_backend.ran()
     report["reference"] = f"pytorch {ran['inference_attention']} {ran['inference_dtype']}"
-    per_length, per_output = _parity(reference, reference_backend, backend, config)
-    report |= {"max_abs_diff": max(per_length.values()), "per_length": per_length, "per_output": per_output}
+    per_length, per_output, counts = _parity(reference, reference_backend, backend, config)
+    report |= {"max_abs_diff": max(per_length.values()), "per_length": per_length, "per_output": per_output, **counts}
     report["passed"] = report["max_abs_diff"] <= config.tolerance
     if quantize == "int8":
         report["int8"] = _quantize(reference, work, config, run_dir, backend)
@@ -179,13 +179,15 @@ def _trace(loaded: Loaded, path: Path, config: ExportConfig) -> None:
 
 
 def _parity(loaded: Loaded, torch_backend: TorchBackend, backend: OnnxBackend, config: ExportConfig
-            ) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+            ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:  # fmt: skip
     """Worst |onnx − torch| per checked length and per graph output (every output: the ICD label attention too),
-    over real (unpadded) positions for token outputs."""
-    per_length, per_output = {}, dict.fromkeys(backend.output_names, 0.0)
+    over real (unpadded) positions for token outputs, as the task's parity_view shows them; its counts summed."""
+    per_length, per_output, counts = {}, dict.fromkeys(backend.output_names, 0.0), {}
     for length in config.check_lengths:
         ids, mask = _sample(loaded, length, config.check_batch, seed=length)
-        expected, got = torch_backend.outputs(ids, mask), backend.outputs(ids, mask)
+        expected, got, seen = loaded.task.parity_view(backend.output_names, torch_backend.outputs(ids, mask),
+                                                      backend.outputs(ids, mask))  # fmt: skip
+        counts = {name: counts.get(name, 0) + value for name, value in seen.items()}
         worst = 0.0
         for name, want, have in zip(backend.output_names, expected, got, strict=True):
             difference = np.abs(want.astype(np.float64) - have.astype(np.float64))
@@ -194,7 +196,7 @@ def _parity(loaded: Loaded, torch_backend: TorchBackend, backend: OnnxBackend, c
             per_output[name] = max(per_output[name], float(difference.max()))
             worst = max(worst, float(difference.max()))
         per_length[str(length)] = worst
-    return per_length, per_output
+    return per_length, per_output, counts
 
 
 def _quantize(loaded: Loaded, work: Path, config: ExportConfig, run_dir: Path, fp32: OnnxBackend) -> dict[str, Any]:

@@ -367,6 +367,13 @@ class Task(ABC):
         return module, {cls.output: {0: "batch", 1: "sequence"} if cls.token_level else {0: "batch"}}
 
     @classmethod
+    def parity_view(cls, names: list[str], expected: list[np.ndarray], got: list[np.ndarray]
+                    ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:  # fmt: skip
+        """The graph's outputs (`names`) from PyTorch (`expected`) and the export (`got`) as the parity check compares
+        them, with counts for parity.json: as they are, unless the task knows where the two may rightly differ."""
+        return expected, got, {}
+
+    @classmethod
     def evidence_backend(cls, loaded: Any, backend: Any, method: str) -> Any:
         """A back end whose rows carry what `decode` needs to give evidence (`meta["evidence"]`) for its
         predictions; a one-line error for a model that gives none."""

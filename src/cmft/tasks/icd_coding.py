@@ -156,6 +156,7 @@ class IcdCodingTask(Task):
     decode_options = {"threshold": float, "top_k": int}  # a request may set its own (cmft serve)
     exported = classmethod(icd_evidence.exported_with_attention)  # and the label attention, for evidence
     evidence_backend = classmethod(icd_evidence.evidence_backend)
+    parity_view = classmethod(icd_evidence.parity_view)  # zero-shot candidates: near-ties at the K-th place
     description = "Assigns each note its ICD codes (multi-label), those at or above a threshold tuned on dev."
     library_name = "cmft"
     card_usage = {"cmft": CARD_USAGE}

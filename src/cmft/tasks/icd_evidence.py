@@ -82,6 +82,36 @@ def exported_with_attention(cls: type, module: nn.Module, meta: dict[str, Any]) 
     return AttentionModule(module), outputs | ({CODES: {0: "batch"}} if module.coder.head.chooses else {})
 
 
+def parity_view(cls: type, names: list[str], expected: list[np.ndarray], got: list[np.ndarray]
+                ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:  # fmt: skip
+    """IcdCodingTask.parity_view: with zero-shot candidates, a code at the K-th place may be a candidate in PyTorch
+    and not in onnxruntime (their candidate scores differ by float noise and nearly tie). Such swaps are counted
+    (`candidate_swaps`) and the codes swapped are left out of the comparison (probabilities and attention rows);
+    more than 1% of a batch's candidate slots (at least 1) are no near-tie: the outputs are then compared as they
+    are, and parity fails."""
+    if CODES not in names:
+        return expected, got, {}
+    probabilities, attention, codes = (names.index(name) for name in (cls.output, OUTPUT, CODES))
+    want, have = expected[codes].astype(np.int64), got[codes].astype(np.int64)
+    swapped = [np.setxor1d(want[row], have[row]) for row in range(len(want))]
+    swaps = sum(len(differ) // 2 for differ in swapped)
+    if swaps > max(1, want.size // 100) or not swaps:
+        return expected, got, {"candidate_swaps": swaps}
+    expected, got = [array.copy() for array in expected], [array.copy() for array in got]
+    for row, differ in enumerate(swapped):
+        if not len(differ):
+            continue
+        expected[probabilities][row, differ] = got[probabilities][row, differ] = 0.0
+        both_want, both_have = np.isin(want[row], have[row]), np.isin(have[row], want[row])  # the same codes, in order
+        for side, keep in ((expected, both_want), (got, both_have)):
+            kept = side[attention][row][keep]
+            side[attention][row] = 0.0
+            side[attention][row][: len(kept)] = kept
+            side[codes][row] = 0
+            side[codes][row][: int(keep.sum())] = (want if side is expected else have)[row][keep]
+    return expected, got, {"candidate_swaps": swaps}
+
+
 def evidence_backend(cls: type, loaded: Any, backend: Any, method: str) -> EvidenceBackend:
     """IcdCodingTask.evidence_backend: the attention from the ONNX graph's second output or the PyTorch head."""
     head = loaded.meta["icd"]["head"]
