@@ -21,10 +21,10 @@ Prediction time, on the first --timing-notes dev notes: `cmft.inference.predict_
 task's encoding, batches of --batch-size, decoding) with PyTorch, for "none" (the run as saved: no zero-shot code),
 "dense" and each K. All variants share one encoder in memory (only the head differs); each gets the same warm-up
 (predict on the first 4 notes); then --rounds rounds, each timing every variant once, round r in the variants' order
-rotated by r and reversed on odd rounds. Per variant: the seconds of each round, median, min, max, spread
-((max − min) / median), and median and min as ratios to "none". Zero-shot codes are decoded at the trained codes'
-threshold (the value add_zero_shot_codes gives them before dev tunes their own), so decoding outputs about as many
-codes in every variant.
+rotated by r // 2 and reversed on odd rounds (two variants: AB, BA, BA, AB, …). Per variant: the seconds of each
+round, median, min, max, spread ((max − min) / median), and median and min as ratios to "none". Zero-shot codes are
+decoded at the trained codes' threshold (the value add_zero_shot_codes gives them before dev tunes their own), so
+decoding outputs about as many codes in every variant.
 
 --onnx: also exports "none", "dense" and each K of --onnx-ks with `cmft export`'s export_run (its seconds and parity
 are recorded) and times predict_texts through onnxruntime (OnnxBackend, --threads threads) in the same way. An export
@@ -238,7 +238,8 @@ def time_variants(variants: dict[str, Variant], texts: list[str], rounds: int, b
     outputs: dict[str, list[dict[str, Any]]] = {}
     orders = []
     for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
+        turn = (r // 2) % len(names)  # rotated every other round, reversed on odd rounds: with two variants ABBA…
+        order = names[turn:] + names[:turn]
         order = order[::-1] if r % 2 else order
         orders.append(order)
         for name in order:
