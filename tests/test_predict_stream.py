@@ -152,3 +152,28 @@ def test_parts_outlive_a_failed_assembly_and_merge_later(runs, tmp_path, capsys)
     (tmp_path / ".out.jsonl.partial").rmdir()
     stderr = _predict(capsys, "--merge", str(output))
     assert output.read_bytes() == reference.read_bytes() and "merged 18 texts" in stderr
+
+
+def test_each_torchrun_process_takes_its_own_gpu_or_its_share_of_the_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from cmft import distributed, predict
+
+    for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "3", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)  # two machines, two processes each: this is the second on its machine
+    monkeypatch.setattr(distributed, "start", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert predict._share_machine() == (None, 1)  # onnxruntime's device_id: the process's own GPU
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    threads = torch.get_num_threads()
+    try:
+        assert predict._share_machine() == (8, None)  # the machine's 16 cores between its 2 processes
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert predict._share_machine() == (None, None)  # one process: torch's and onnxruntime's own defaults
