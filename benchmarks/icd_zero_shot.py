@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import provenance, write_results  # noqa: E402
+from provenance import provenance, shown, write_results  # noqa: E402
 
 from cmft.heads import LabelAttentionHead  # noqa: E402
 from cmft.inference import Loaded, OnnxBackend, load_export, open_source, predict_texts  # noqa: E402
@@ -91,21 +91,6 @@ SYNTHETIC = ("timing and ONNX only: the trained rows beyond the model's (one per
              "noise, bias its mean bias) and serve the head's sizes only; the recall figures use the model's own "
              "trained rows and zero-shot rows built as the shipped code builds them")  # fmt: skip
 Variant = Callable[[], tuple[Loaded, Any]]
-
-
-def shown(path: str | Path) -> str:
-    """A path as the results record names it, never absolute: relative to the checkout, or from its `runs/` on."""
-    path = Path(path).resolve()
-    if path.is_relative_to(ROOT):
-        return str(path.relative_to(ROOT))
-    parts = path.parts
-    return str(Path(*parts[parts.index("runs") :])) if "runs" in parts else path.name
-
-
-def relative_argument(argument: str) -> str:
-    """A command-line argument with any absolute path in it (`PATH`, `--key=PATH`) as `shown` names it."""
-    key, equals, value = argument.rpartition("=") if argument.startswith("--") else ("", "", argument)
-    return key + equals + shown(value) if Path(value).is_absolute() else argument
 
 
 def log(message: str) -> None:
@@ -462,8 +447,7 @@ def main() -> None:
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.monotonic() - started, 1)
     default = "benchmarks/results/icd_zero_shot_quick.json" if args.quick else "benchmarks/results/icd_zero_shot.json"
-    argv = [relative_argument(argument) for argument in sys.argv]
-    write_results(args.results or ROOT / default, {**provenance(argv), **result})
+    write_results(args.results or ROOT / default, {**provenance(), **result})
     print(json.dumps(result))
 
 

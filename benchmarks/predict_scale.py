@@ -43,25 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import provenance, write_results  # noqa: E402
+from provenance import provenance, shown, write_results  # noqa: E402
 
 QUICK = ["training.max_steps=4", "training.eval_every=2", "training.max_length=128"]
 SUMMARY = re.compile(r"predict: (\d+) texts in ([\d.]+) s \(([\d.]+) texts/s\)")
-
-
-def shown(path: str | Path) -> str:
-    """A path as the results record names it, never absolute: relative to the checkout, or from its `runs/` on."""
-    path = Path(path).resolve()
-    if path.is_relative_to(ROOT):
-        return str(path.relative_to(ROOT))
-    parts = path.parts
-    return str(Path(*parts[parts.index("runs") :])) if "runs" in parts else path.name
-
-
-def relative_argument(argument: str) -> str:
-    """A command-line argument with any absolute path in it (`PATH`, `--key=PATH`) as `shown` names it."""
-    key, equals, value = argument.rpartition("=") if argument.startswith("--") else ("", "", argument)
-    return key + equals + shown(value) if Path(value).is_absolute() else argument
 
 
 def texts_of(task: str) -> list[str]:
@@ -209,9 +194,8 @@ def main() -> None:
         icd = measure("icd", runs["icd"], icd_rows // 3, icd_rows, icd_buffer, work)
     result = {"benchmark": "predict_scale", "models": models, **ner, "icd": icd, "cores": os.cpu_count(),
               "load_average_at_start": load, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
-    argv = [relative_argument(argument) for argument in sys.argv]
     default = "benchmarks/results/predict_scale_quick.json" if args.quick else "benchmarks/results/predict_scale.json"
-    write_results(args.results or ROOT / default, {**provenance(argv), **result})
+    write_results(args.results or ROOT / default, {**provenance(), **result})
     print(json.dumps(result))
 
 

@@ -59,20 +59,25 @@ def versions() -> dict:
     return {"python": platform.python_version(), **found}
 
 
-def _relative(argument: str) -> str:
-    """An argument naming a path inside the checkout, as the README's commands name it (from the checkout's root)."""
-    for prefix in ("", "--results=", "--encoder="):
-        if argument.startswith(prefix) and Path(argument[len(prefix) :]).is_absolute():
-            path = Path(argument[len(prefix) :])
-            if path.is_relative_to(ROOT):
-                return prefix + str(path.relative_to(ROOT))
-    return argument
+def shown(path: str | Path) -> str:
+    """A path as the results record names it, never absolute: relative to the checkout, or from its `runs/` on."""
+    path = Path(path).resolve()
+    if path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT))
+    parts = path.parts
+    return str(Path(*parts[parts.index("runs") :])) if "runs" in parts else path.name
+
+
+def relative_argument(argument: str) -> str:
+    """A command-line argument with any absolute path in it (`PATH`, `--key=PATH`) as `shown` names it."""
+    key, equals, value = argument.rpartition("=") if argument.startswith("--") else ("", "", argument)
+    return key + equals + shown(value) if Path(value).is_absolute() else argument
 
 
 def provenance(argv: list[str] | None = None) -> dict:
     """The facts a results record starts with."""
     argv = sys.argv if argv is None else argv
-    command = shlex.join(["python", *(_relative(argument) for argument in argv)])
+    command = shlex.join(["python", *(relative_argument(argument) for argument in argv)])
     return {"command": command, "commit": commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "machine": {**cpu(), "platform": platform.platform(terse=True)}, "versions": versions()}  # fmt: skip
 
