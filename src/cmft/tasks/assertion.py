@@ -21,9 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import PositiveInt
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModel, DataCollatorWithPadding
 
 from cmft.backends import TorchBackend, per_text, run_batches
 from cmft.data.readers import iter_records
@@ -32,6 +31,7 @@ from cmft.paths import resolve_path
 from cmft.plots import confusion_plot
 from cmft.recipe import DataConfig, FolderSplit, RecipeBase, TaskSection, TrainingConfig
 from cmft.tasks.base import CARD_EXAMPLE, Task, Unit, load_pretrained
+from cmft.tasks.head_model import HeadModel
 
 HEAD_WEIGHTS = "assertion_head.safetensors"
 HEAD_CONFIG = "assertion.json"
@@ -201,7 +201,7 @@ class MarkerHead(nn.Module):
         return self.classifier(self.dropout(hidden)).float()
 
 
-class AssertionClassifier(nn.Module):
+class AssertionClassifier(HeadModel):
     """An encoder (embeddings grown by the two markers) plus the marker head; `model/` holds the encoder (AutoModel
     loads it), the head's weights and its settings.
 
@@ -210,16 +210,10 @@ class AssertionClassifier(nn.Module):
     classifier.predict([{"text": "No fever today.", "start": 3, "end": 8}])   # [{label, score, probabilities}]
     """
 
-    def __init__(self, encoder: nn.Module, settings: dict[str, Any]):
-        super().__init__()
-        self.encoder = encoder
-        self.settings = settings
-        self.head = MarkerHead(encoder.config.hidden_size, len(settings["labels"]), settings["marker_ids"],
-                               settings.get("dropout", 0.1))  # fmt: skip
+    HEAD_WEIGHTS, HEAD_CONFIG, KIND = HEAD_WEIGHTS, HEAD_CONFIG, "an assertion model"
 
-    @property
-    def config(self):
-        return self.encoder.config
+    def build_head(self, hidden_size: int, settings: dict[str, Any]) -> nn.Module:
+        return MarkerHead(hidden_size, len(settings["labels"]), settings["marker_ids"], settings.get("dropout", 0.1))
 
     def get_input_embeddings(self) -> nn.Module:  # peft finds the marker rows it trains under LoRA here
         return self.encoder.get_input_embeddings()
@@ -232,26 +226,6 @@ class AssertionClassifier(nn.Module):
         if labels is None:
             return {"logits": logits}
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-    # saving and loading ----------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
-        folder = Path(folder)
-        self.encoder.save_pretrained(folder, **kwargs)
-        head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
-        save_file(head, str(folder / HEAD_WEIGHTS))
-        (folder / HEAD_CONFIG).write_text(json.dumps(self.settings, indent=2), encoding="utf-8")
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> AssertionClassifier:
-        folder = Path(folder)
-        if not (folder / HEAD_CONFIG).is_file():
-            raise CmftError(f"{folder}: no {HEAD_CONFIG}; not an assertion model folder")
-        settings = json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8"))
-        kwargs.setdefault("use_safetensors", True)  # weights load only from safetensors, never from pickles
-        classifier = cls(AutoModel.from_pretrained(folder, **kwargs), settings)
-        classifier.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
-        classifier.tokenizer = AutoTokenizer.from_pretrained(folder)
-        return classifier.eval()
 
     def predict(self, rows: list[dict[str, Any]], batch_size: int = 16) -> list[dict[str, Any]]:
         """Each row's {label, score, probabilities, start, end}, as `cmft predict` gives them."""

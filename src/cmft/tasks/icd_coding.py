@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +9,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field, PositiveInt
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
@@ -22,6 +20,7 @@ from cmft.metrics import multilabel_metrics, per_label_precision_recall, tune_th
 from cmft.recipe import DataConfig, RecipeBase, TaskSection, TrainingConfig
 from cmft.tasks import icd_evidence
 from cmft.tasks.base import SPLITS, Task, Unit, load_pretrained, write_manifest
+from cmft.tasks.head_model import HeadModel
 from cmft.tasks.icd_batches import IcdModule, collate_notes, encode_chunks, encode_note, pad_notes
 from cmft.tasks.icd_card import CARD_ADAPTER, CARD_CHUNKED_FEED, CARD_USAGE, METRICS_NOTE
 from cmft.tasks.icd_descriptions import init_queries_from_descriptions, read_descriptions, undescribed
@@ -68,7 +67,7 @@ class IcdCodingConfig(TaskSection):
                              "other codes of a trained code's category)")  # fmt: skip
 
 
-class IcdCoder(nn.Module):
+class IcdCoder(HeadModel):
     """An encoder plus an ICD head; `model/` holds the encoder (AutoModel loads it) and the head files.
 
     from cmft import IcdCoder
@@ -76,20 +75,14 @@ class IcdCoder(nn.Module):
     coder.predict(["Patient with type 2 diabetes ..."])   # [{code: probability}, ...] above threshold
     """
 
-    def __init__(self, encoder: nn.Module, settings: dict[str, Any]):
-        super().__init__()
-        self.encoder = encoder
-        self.settings = settings
-        hidden, labels = encoder.config.hidden_size, len(settings["labels"])
+    HEAD_WEIGHTS, HEAD_CONFIG, KIND = HEAD_WEIGHTS, HEAD_CONFIG, "an ICD coding model"
+
+    def build_head(self, hidden_size: int, settings: dict[str, Any]) -> nn.Module:
+        labels = len(settings["labels"])
         if settings["head"] == "label_attention":
             zero_shot, candidates = len(settings.get("zero_shot_labels") or ()), settings.get("zero_shot_candidates")
-            self.head: nn.Module = LabelAttentionHead(hidden, labels, settings["attention_dim"], zero_shot, candidates)
-        else:
-            self.head = PooledHead(hidden, labels)
-
-    @property
-    def config(self):
-        return self.encoder.config
+            return LabelAttentionHead(hidden_size, labels, settings["attention_dim"], zero_shot, candidates)
+        return PooledHead(hidden_size, labels)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and mask (chunked input: cmft.tasks.icd_batches.encode_chunks)."""
@@ -104,26 +97,9 @@ class IcdCoder(nn.Module):
             loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weight)
         return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
 
-    # saving and loading ----------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
-        folder = Path(folder)
-        self.encoder.save_pretrained(folder, **kwargs)
-        head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
-        save_file(head, str(folder / HEAD_WEIGHTS))
-        (folder / HEAD_CONFIG).write_text(json.dumps(self.settings, indent=2), encoding="utf-8")
-        write_manifest(folder, _meta(self.settings["max_length"], self.settings))  # what predict reads: the same
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> IcdCoder:
-        folder = Path(folder)
-        if not (folder / HEAD_CONFIG).is_file():
-            raise CmftError(f"{folder}: no {HEAD_CONFIG}; not an ICD coding model folder")
-        settings = json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8"))
-        kwargs.setdefault("use_safetensors", True)  # weights load only from safetensors, never from pickles
-        coder = cls(AutoModel.from_pretrained(folder, **kwargs), settings)
-        coder.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
-        coder.tokenizer = AutoTokenizer.from_pretrained(folder)
-        return coder.eval()
+        super().save_pretrained(folder, **kwargs)
+        write_manifest(Path(folder), _meta(self.settings["max_length"], self.settings))  # what predict reads
 
     def predict_proba(self, texts: list[str], batch_size: int = 8) -> np.ndarray:
         """[texts, codes] probabilities, computed as `cmft predict` computes them."""
@@ -346,9 +322,7 @@ class IcdCodingTask(Task):
     @classmethod
     def manifest_from_recipe(cls, folder: Path, recipe: RecipeBase) -> dict[str, Any]:
         """The settings the model keeps (HEAD_CONFIG: labels, threshold, head, chunking)."""
-        if not (folder / HEAD_CONFIG).is_file():
-            raise CmftError(f"{folder}: no {HEAD_CONFIG}; not an ICD coding model folder")
-        return _meta(recipe.training.max_length, json.loads((folder / HEAD_CONFIG).read_text(encoding="utf-8")))
+        return _meta(recipe.training.max_length, IcdCoder.read_settings(folder))
 
     @classmethod
     def unit(cls, index: int, ids: list[int], meta: dict[str, Any]) -> Unit:
