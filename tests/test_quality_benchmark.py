@@ -25,7 +25,14 @@ def test_quality_benchmark_smoke_mode(tiny_encoder, tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["benchmark"] == "quality" and report["smoke"] and report["seeds"] == [42]
     rows = report["tasks"]["note_classification"]["rows"]
-    assert list(rows) == ["tiny_random", "tiny_pretrained", "minilm_cmft_full", "minilm_cmft_lora", "minilm_hf"]
+    assert list(rows) == [
+        "tiny_random",
+        "tiny_pretrained",
+        "minilm_cmft_full",
+        "minilm_cmft_lora",
+        "minilm_hf",
+        "minilm_hf_matched",
+    ]
     for row in rows.values():
         assert row["metric"] == "macro_f1" and 0.0 <= row["mean"] <= 1.0 and row["seconds"] > 0
         assert len(row["values"]) == 1 and row["spread"] == 0.0
@@ -314,3 +321,51 @@ def test_random_encoder_is_built_only_for_its_row(tiny_encoder, tmp_path, monkey
         assert nothing_saved.value.code == 2 and len(built) == expected, rows
     assert "holds no result" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "chart.png").exists()
+
+
+@pytest.mark.slow
+def test_matched_plain_script_row_trains_at_cmfts_rate_and_tunes_icd_on_dev(tiny_encoder, tmp_path, monkeypatch):
+    """minilm_hf_matched is the plain script like for like with minilm_cmft_full: the same rate for every task and,
+    for ICD coding, its one threshold tuned on the dev split (0.5 stays the minilm_hf row's); keyed apart from
+    minilm_hf, so neither reuses the other's results."""
+    quality = load_quality_module()
+    encoders = {"minilm": str(tiny_encoder)}
+    seen = []
+
+    def fake_hf_row(task, encoder, seed, budget, out, options=None):
+        seen.append((task, options))
+        return 0.3, 2.0, 0.2 if options else None
+
+    monkeypatch.setattr(quality, "hf_row", fake_hf_row)
+    results = tmp_path / "quality.jsonl"
+    store = quality.ResultStore(results, fresh=False)
+    quality.run_task("icd_coding", encoders, [1], False, tmp_path, ("minilm_hf", "minilm_hf_matched"), store)
+    quality.run_task("ner", encoders, [1], False, tmp_path, ("minilm_hf_matched",), store)
+    icd_rate = task_class("icd_coding").learning_rates["pretrained"]["full"]
+    ner_rate = task_class("ner").learning_rates["pretrained"]["full"]
+    assert seen == [("icd_coding", None), ("icd_coding", {"learning_rate": icd_rate, "tune_threshold": True}),
+                    ("ner", {"learning_rate": ner_rate})]  # fmt: skip
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert records[0]["key"] != records[1]["key"] and records[1]["dev_value"] == 0.2
+
+
+@pytest.mark.slow
+def test_plain_icd_script_picks_its_threshold_on_dev(tiny_encoder, tmp_path):
+    """The plain ICD script with tune_threshold scores test at the dev split's best threshold (the function cmft's
+    recipe uses), not at 0.5; without it, 0.5 as the example scripts do."""
+    import importlib.util
+
+    import numpy as np
+
+    from cmft.metrics import DEFAULT_THRESHOLD_GRID
+
+    spec = importlib.util.spec_from_file_location("hf_baselines", REPO / "benchmarks" / "hf_baselines.py")
+    hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf)
+    tuned = hf.icd_coding(str(tiny_encoder), tmp_path / "a", 1, 32, 42, max_steps=3, learning_rate=1e-3,
+                          tune_threshold=True)  # fmt: skip
+    plain = hf.icd_coding(str(tiny_encoder), tmp_path / "b", 1, 32, 42, max_steps=3, learning_rate=1e-3)
+    assert plain["threshold"] == 0.5 and "dev_micro_f1" not in plain
+    assert np.isclose(tuned["threshold"], DEFAULT_THRESHOLD_GRID).any()
+    # three steps leave the probabilities near the label prior: only a threshold from dev predicts any code
+    assert tuned["threshold"] < 0.5 and tuned["dev_micro_f1"] > 0.0 and tuned["micro_f1"] > plain["micro_f1"]
